@@ -1,0 +1,1 @@
+"""ldm_jax: latent diffusion (the Stable Diffusion family) in JAX/Flax."""

@@ -1,0 +1,154 @@
+"""Building blocks shared by the autoencoder and the U-Net.
+
+Module and parameter names follow the diffusers PyTorch modules (``conv1``,
+``to_q``, ``to_out_0`` ...) so that weight conversion is a mechanical rename
+(see ``ldm_jax.weights``). Every parameter carries logical axis names; the
+mesh rules that map them to device axes live in the config.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+CONV_AXES = (None, None, "conv_in", "conv_out")
+
+
+def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding=None,
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, use_bias: bool = True) -> nn.Conv:
+    """A 2D convolution with torch-style symmetric padding (kernel // 2 unless given)."""
+    if padding is None:
+        padding = ((kernel // 2, kernel // 2),) * 2
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+def dense(features: int, name: str, axes: tuple[str | None, str | None] = ("embed", "mlp"), *,
+          use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Dense:
+    """A dense layer whose kernel has the logical axes ``axes`` (input, output)."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+def group_norm(groups: int, epsilon: float, name: str, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+    """GroupNorm with exact (two-pass) variance, as torch computes it."""
+    return nn.GroupNorm(
+        num_groups=groups, epsilon=epsilon, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
+        name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+def layer_norm(epsilon: float, name: str, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """LayerNorm over the last axis with exact variance."""
+    return nn.LayerNorm(
+        epsilon=epsilon, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Array | None = None,
+              is_causal: bool = False) -> jax.Array:
+    """Multi-head scaled dot-product attention on [B, T, heads * head_dim] inputs.
+
+    Goes through ``jax.nn.dot_product_attention`` so that XLA (or cuDNN on GPU)
+    picks the kernel per backend.
+    """
+    b, tq, d = q.shape
+    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads)
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v), mask=mask, is_causal=is_causal)
+    return out.reshape(b, tq, d)
+
+
+class Attention(nn.Module):
+    """diffusers-style attention: to_q/to_k/to_v projections, heads, to_out_0.
+
+    With ``context`` it is cross-attention (keys and values from the context).
+    ``qkv_bias`` is False in the U-Net transformer and True in the VAE.
+    """
+    heads: int
+    head_dim: int
+    out_features: int
+    qkv_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        inner = self.heads * self.head_dim
+        context = x if context is None else context
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense(inner, "to_q", ("embed", "heads"), use_bias=self.qkv_bias, **kw)(x)
+        k = dense(inner, "to_k", ("kv_embed", "heads"), use_bias=self.qkv_bias, **kw)(context)
+        v = dense(inner, "to_v", ("kv_embed", "heads"), use_bias=self.qkv_bias, **kw)(context)
+        out = attention(q, k, v, self.heads)
+        return dense(self.out_features, "to_out_0", ("heads", "embed"), **kw)(out)
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv residual block, with an optional time-embedding shift."""
+    out_channels: int
+    groups: int = 32
+    epsilon: float = 1e-6
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.silu(group_norm(self.groups, self.epsilon, "norm1", **kw)(x))
+        h = conv(self.out_channels, 3, "conv1", **kw)(h)
+        if temb is not None:
+            h = h + dense(self.out_channels, "time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.epsilon, "norm2", **kw)(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = conv(self.out_channels, 3, "conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, "conv_shortcut", **kw)(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. ``asymmetric`` pads only bottom/right (the VAE's choice)."""
+    channels: int
+    asymmetric: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        padding = ((0, 1), (0, 1)) if self.asymmetric else ((1, 1), (1, 1))
+        return conv(self.channels, 3, "conv", stride=2, padding=padding,
+                    dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(self.channels, 3, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+def as_tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    """Broadcast an int to an n-tuple, or check that a sequence has n entries."""
+    if isinstance(value, int):
+        return (value,) * n
+    if len(value) != n:
+        raise ValueError(f"expected {n} values (one per block), got {len(value)}: {tuple(value)}")
+    return tuple(value)
