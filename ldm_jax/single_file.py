@@ -45,7 +45,6 @@ Nothing here imports torch. ``.ckpt`` (pickle) files are refused: convert
 them to ``.safetensors`` first (the error message says how).
 """
 
-import json
 import math
 import os
 import re
@@ -53,7 +52,8 @@ from collections import Counter
 from typing import Any, Mapping
 
 import numpy as np
-import safetensors.numpy
+
+from ldm_jax import checkpoint_files
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -825,33 +825,6 @@ def _reject_pickle(path: str) -> None:
             "(if weights_only=True is refused, the file pickles other objects: drop it only for a file you trust)")
 
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file; bfloat16 (which numpy lacks) is read as ml_dtypes.bfloat16."""
-    try:
-        return safetensors.numpy.load_file(path)
-    except TypeError:  # "data type 'bfloat16' not understood"
-        pass
-    import ml_dtypes  # installed with jax
-    dtypes = {**_SAFETENSORS_DTYPES, "BF16": ml_dtypes.bfloat16}
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in dtypes:
-            raise SingleFileError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        out[name] = np.frombuffer(data[begin:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-    return out
-
-
 def load_single_file(path: str, *, overrides: Mapping[str, Mapping[str, Any]] | None = None,
                      extract_ema: bool = False, strict: bool = True) -> tuple[dict[str, dict], dict[str, dict]]:
     """Read an original SD ``.safetensors`` file: ``(configs, {'unet', 'vae', 'text_encoder'} state dicts)``.
@@ -865,7 +838,7 @@ def load_single_file(path: str, *, overrides: Mapping[str, Mapping[str, Any]] | 
         raise FileNotFoundError(f"no checkpoint file {path}")
     _reject_pickle(path)
     try:
-        state = _read_safetensors(path)
+        state = checkpoint_files.read_safetensors(path)
     except SingleFileError:
         raise
     except Exception as e:
@@ -883,5 +856,4 @@ def save_single_file(path: str, unet: Mapping[str, np.ndarray], vae: Mapping[str
                      text_encoder_layout: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
     """Write :func:`join_original` as one ``.safetensors`` file (``format: pt`` metadata, like SD releases)."""
     state = join_original(unet, vae, text_encoder, configs, text_encoder_layout=text_encoder_layout)
-    state = {k: np.ascontiguousarray(v) for k, v in state.items()}
-    safetensors.numpy.save_file(state, path, metadata={"format": "pt", **(metadata or {})})
+    checkpoint_files.write_state_dict(path, state, metadata)

@@ -69,6 +69,16 @@ def _flat_shapes(abstract_params: Any) -> dict[tuple[str, ...], tuple[int, ...]]
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
+def state_dict_shapes(abstract_params: Any) -> dict[str, tuple[int, ...]]:
+    """The torch-named state-dict keys and torch-layout shapes that ``abstract_params`` expects."""
+    return {torch_key(path, len(shape)): _torch_shape(path[-1], shape)
+            for path, shape in _flat_shapes(abstract_params).items()}
+
+
+def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(to_torch_layout(leaf, np.empty(shape, np.int8)).shape)
+
+
 def state_dict_to_params(state: Mapping[str, np.ndarray], abstract_params: Any, *, what: str = "model",
                          dtype: Any = np.float32) -> dict:
     """Build the Flax param tree shaped like ``abstract_params`` from a torch-named ``state``.
@@ -86,8 +96,8 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], abstract_params: Any, 
         used.add(key)
         value = to_flax_layout(path[-1], np.asarray(state[key]))
         if tuple(value.shape) != shape:
-            torch_shape = tuple(to_torch_layout(path[-1], np.zeros(shape, np.int8)).shape)
-            mismatched.append(f"{key}: expected shape {torch_shape}, found {tuple(np.shape(state[key]))}")
+            mismatched.append(f"{key}: expected shape {_torch_shape(path[-1], shape)}, "
+                              f"found {tuple(np.shape(state[key]))}")
             continue
         flat[path] = value.astype(dtype)
     unexpected = sorted(k for k in state if k not in used and not IGNORED_KEYS.search(k))

@@ -75,11 +75,14 @@ class Attention(nn.Module):
 
     With ``context`` it is cross-attention (keys and values from the context).
     ``qkv_bias`` is False in the U-Net transformer and True in the VAE.
+    ``upcast`` computes the attention itself (logits, softmax, weighted sum) in
+    float32 whatever ``dtype`` is (diffusers' ``upcast_attention``, SD 2.x).
     """
     heads: int
     head_dim: int
     out_features: int
     qkv_bias: bool = False
+    upcast: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -91,7 +94,9 @@ class Attention(nn.Module):
         q = dense(inner, "to_q", ("embed", "heads"), use_bias=self.qkv_bias, **kw)(x)
         k = dense(inner, "to_k", ("kv_embed", "heads"), use_bias=self.qkv_bias, **kw)(context)
         v = dense(inner, "to_v", ("kv_embed", "heads"), use_bias=self.qkv_bias, **kw)(context)
-        out = attention(q, k, v, self.heads)
+        if self.upcast:
+            q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+        out = attention(q, k, v, self.heads).astype(self.dtype)
         return dense(self.out_features, "to_out_0", ("heads", "embed"), **kw)(out)
 
 

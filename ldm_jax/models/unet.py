@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import (Downsample2D, Dtype, ResnetBlock2D, Upsample2D, as_tuple, attention, conv,
+from ldm_jax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D, as_tuple, conv,
                                    dense, group_norm, layer_norm)
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -93,34 +93,6 @@ class TimestepEmbedding(nn.Module):
         return dense(self.features, "linear_2", ("mlp", "embed"), **kw)(x)
 
 
-class CrossAttention(nn.Module):
-    """Attention of the transformer blocks: bias-free to_q/to_k/to_v, biased ``to_out_0``.
-
-    Self-attention without ``context``. ``upcast`` computes the attention itself
-    (logits, softmax, weighted sum) in float32 whatever ``dtype`` is, as SD 2.x
-    asks (diffusers' ``upcast_attention``).
-    """
-    heads: int
-    head_dim: int
-    upcast: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        inner = self.heads * self.head_dim
-        context = x if context is None else context
-        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = dense(inner, "to_q", ("embed", "heads"), **kw)(x)
-        k = dense(inner, "to_k", ("kv_embed", "heads"), **kw)(context)
-        v = dense(inner, "to_v", ("kv_embed", "heads"), **kw)(context)
-        if self.upcast:
-            q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-        out = attention(q, k, v, self.heads).astype(self.dtype)
-        return dense(x.shape[-1], "to_out_0", ("heads", "embed"), dtype=self.dtype,
-                     param_dtype=self.param_dtype)(out)
-
-
 class GEGLU(nn.Module):
     """``proj`` to twice ``features``, then value * GELU(gate) (exact GELU)."""
     features: int
@@ -157,9 +129,10 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = dict(heads=self.heads, head_dim=self.head_dim, upcast=self.upcast_attention, **kw)
-        x = x + CrossAttention(name="attn1", **attn)(layer_norm(1e-5, "norm1", **kw)(x))
-        x = x + CrossAttention(name="attn2", **attn)(layer_norm(1e-5, "norm2", **kw)(x), context)
+        attn = dict(heads=self.heads, head_dim=self.head_dim, out_features=x.shape[-1], upcast=self.upcast_attention,
+                    **kw)
+        x = x + Attention(name="attn1", **attn)(layer_norm(1e-5, "norm1", **kw)(x))
+        x = x + Attention(name="attn2", **attn)(layer_norm(1e-5, "norm2", **kw)(x), context)
         return x + FeedForward(name="ff", **kw)(layer_norm(1e-5, "norm3", **kw)(x))
 
 

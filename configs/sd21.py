@@ -1,0 +1,37 @@
+r"""Stable Diffusion 2.1: linear attention projections, 64-dim heads, OpenCLIP ViT-H text encoder (23 layers).
+
+Variants:
+  configs/sd21.py        SD 2.1 (768x768, v-prediction)
+  configs/sd21.py:base   SD 2.1-base (512x512, epsilon prediction)
+
+Model sections use the keys of the diffusers / transformers config files.
+"""
+
+import ml_collections
+
+from configs import sd15
+
+
+def get_config(arg=None):
+    """SD 2.1 model config; ``arg`` is None (768, v-prediction) or 'base' (512, epsilon)."""
+    if arg not in (None, "base"):
+        raise ValueError(f"unknown sd21 variant {arg!r}: use configs/sd21.py or configs/sd21.py:base")
+    base = arg == "base"
+    config = ml_collections.ConfigDict()
+    config.image_size = 512 if base else 768
+    config.unet = dict(
+        sample_size=config.image_size // 8, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024, norm_num_groups=32, norm_eps=1e-5, use_linear_projection=True,
+        upcast_attention=not base,
+    )
+    config.vae = dict(sd15.SD_VAE, sample_size=config.image_size)
+    config.text_encoder = dict(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+        projection_dim=512, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    )
+    config.scheduler = dict(sd15.SD_SCHEDULER, prediction_type="epsilon" if base else "v_prediction")
+    return config

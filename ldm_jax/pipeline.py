@@ -1,0 +1,164 @@
+"""`Pipeline`: the three models of latent diffusion with their params, tokenizer and schedule.
+
+Loads a diffusers-layout folder or a single-file original Stable Diffusion
+checkpoint (``.safetensors``) without torch, builds randomly initialised
+models from a config, and writes the diffusers layout back.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from transformers import CLIPTokenizer
+
+from ldm_jax import checkpoint_files, single_file, weights
+from ldm_jax.models.clip import CLIPTextModel, load_tokenizer, normalize_state_dict
+from ldm_jax.models.unet import UNet2DConditionModel
+from ldm_jax.models.vae import AutoencoderKL, scaling_factor
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                "text_encoder": "model.safetensors"}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
+
+
+def build_modules(configs: dict[str, dict], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> dict:
+    """The Flax modules described by diffusers/transformers config dicts, keyed by component."""
+    return {
+        "unet": UNet2DConditionModel.from_diffusers_config(configs["unet"], dtype=dtype, param_dtype=param_dtype),
+        "vae": AutoencoderKL.from_diffusers_config(configs["vae"], dtype=dtype, param_dtype=param_dtype),
+        "text_encoder": CLIPTextModel.from_transformers_config(
+            configs["text_encoder"], dtype=dtype, param_dtype=param_dtype),
+    }
+
+
+def init_inputs(name: str, config: dict) -> tuple:
+    """Small dummy inputs that create every parameter of component ``name``."""
+    if name == "unet":
+        size = 2 ** len(config["block_out_channels"])
+        return (jnp.zeros((1, size, size, config.get("in_channels", 4))), jnp.zeros((1,), jnp.int32),
+                jnp.zeros((1, 1, config["cross_attention_dim"])))
+    if name == "vae":
+        size = 2 ** len(config["block_out_channels"])
+        return (jnp.zeros((1, size, size, config.get("in_channels", 3))),)
+    return (jnp.zeros((1, config.get("max_position_embeddings", 77)), jnp.int32),)
+
+
+def abstract_params(module, name: str, config: dict) -> Any:
+    """Shapes and dtypes (with logical partitioning metadata) of the module's params, computed without FLOPs."""
+    return jax.eval_shape(module.init, jax.random.key(0), *init_inputs(name, config))["params"]
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """The models of a latent diffusion pipeline and everything needed to run them.
+
+    ``params`` is ``{'unet': ..., 'vae': ..., 'text_encoder': ...}``;
+    ``configs`` holds the diffusers/transformers config dicts of the three
+    models and of the scheduler; ``scale_factor`` multiplies VAE latents
+    before the U-Net sees them.
+    """
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    params: dict
+    configs: dict[str, dict]
+    tokenizer: CLIPTokenizer | None = None
+
+    @property
+    def scale_factor(self) -> float:
+        """The latent scale factor (0.18215 for Stable Diffusion's VAE)."""
+        return scaling_factor(self.configs["vae"])
+
+    @property
+    def scheduler_config(self) -> dict:
+        """The diffusers scheduler config: betas, prediction type, timestep spacing."""
+        return self.configs["scheduler"]
+
+    @classmethod
+    def from_config(cls, config, rng: jax.Array, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                    tokenizer: CLIPTokenizer | None = None) -> "Pipeline":
+        """Randomly initialised models from an ml_collections config (``configs/*.py``)."""
+        configs = {name: config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
+                   for name in COMPONENTS + ("scheduler",)}
+        modules = build_modules(configs, dtype, param_dtype)
+        params = {}
+        for name, key in zip(COMPONENTS, jax.random.split(rng, len(COMPONENTS))):
+            params[name] = jax.jit(modules[name].init)(key, *init_inputs(name, configs[name]))["params"]
+        return cls(**modules, params=params, configs=configs, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                        variant: str | None = None, overrides: dict[str, dict] | None = None) -> "Pipeline":
+        """Load a diffusers-layout folder or a single-file original SD ``.safetensors``.
+
+        ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the
+        params; ``variant`` picks ``*.{variant}.safetensors`` files (e.g.
+        'fp16'); ``overrides`` updates the config of a component (for single
+        files, where e.g. head counts cannot be read from tensor shapes).
+        """
+        if os.path.isfile(path):
+            configs, states = single_file.load_single_file(path, overrides=overrides)
+            tokenizer = None
+        elif os.path.isdir(path):
+            configs, states = _read_folder(path, variant, overrides or {})
+            tokenizer_dir = os.path.join(path, "tokenizer")
+            tokenizer = load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
+        else:
+            raise FileNotFoundError(f"no pretrained pipeline at {path}: expected a diffusers folder "
+                                    "(unet/, vae/, text_encoder/, scheduler/) or a single-file .safetensors")
+        modules = build_modules(configs, dtype, param_dtype)
+        params = {name: jax.tree.map(jnp.asarray, weights.state_dict_to_params(
+            states[name], abstract_params(modules[name], name, configs[name]), what=f"{path}: {name}",
+            dtype=param_dtype)) for name in COMPONENTS}
+        return cls(**modules, params=params, configs=configs, tokenizer=tokenizer)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the diffusers layout (loadable by diffusers' StableDiffusionPipeline.from_pretrained)."""
+        configs = {"unet": self.unet.diffusers_config(),
+                   "vae": self.vae.diffusers_config(scaling_factor=self.scale_factor),
+                   "text_encoder": self.text_encoder.transformers_config()}
+        for name in COMPONENTS:
+            folder = os.path.join(path, name)
+            os.makedirs(folder, exist_ok=True)
+            checkpoint_files.write_json(os.path.join(folder, "config.json"), configs[name])
+            checkpoint_files.write_state_dict(os.path.join(folder, WEIGHT_FILES[name]),
+                                              weights.params_to_state_dict(self.params[name]))
+        os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+        checkpoint_files.write_json(os.path.join(path, "scheduler", "scheduler_config.json"),
+                                    {"_class_name": "DDIMScheduler", **self.scheduler_config})
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        checkpoint_files.write_json(os.path.join(path, "model_index.json"), MODEL_INDEX)
+
+    def save_single_file(self, path: str) -> None:
+        """Write one original-layout SD ``.safetensors`` (as released by CompVis / Stability)."""
+        configs = {**self.configs, "vae": {**self.configs["vae"], "scaling_factor": self.scale_factor}}
+        states = {name: weights.params_to_state_dict(self.params[name]) for name in COMPONENTS}
+        single_file.save_single_file(path, states["unet"], states["vae"], states["text_encoder"], configs)
+
+
+def _read_folder(path: str, variant: str | None, overrides: dict[str, dict]) -> tuple[dict, dict]:
+    missing = [name for name in COMPONENTS + ("scheduler",) if not os.path.isdir(os.path.join(path, name))]
+    if missing:
+        raise ValueError(f"{path} is not a diffusers pipeline folder: missing {missing} "
+                         f"(found {sorted(os.listdir(path))})")
+    configs = {name: checkpoint_files.read_json(os.path.join(path, name, "config.json")) for name in COMPONENTS}
+    configs["scheduler"] = checkpoint_files.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    for name, update in overrides.items():
+        configs[name] = {**configs[name], **update}
+    states = {name: checkpoint_files.read_state_dict(os.path.join(path, name), variant) for name in COMPONENTS}
+    states["text_encoder"] = normalize_state_dict(states["text_encoder"])
+    return configs, states
