@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from transformers import CLIPTokenizer
 
 from ldm_jax import checkpoint_files, single_file, weights
+from ldm_jax.diffusion.sampling import Models
 from ldm_jax.models.clip import CLIPTextModel, load_tokenizer, normalize_state_dict
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.models.vae import AutoencoderKL, scaling_factor
@@ -86,6 +87,11 @@ class Pipeline:
     def scheduler_config(self) -> dict:
         """The diffusers scheduler config: betas, prediction type, timestep spacing."""
         return self.configs["scheduler"]
+
+    @property
+    def models(self) -> Models:
+        """The static (hashable) bundle that ``sample_fn`` takes as ``models=``."""
+        return Models.create(self.unet, self.vae, self.text_encoder, self.scheduler_config, self.scale_factor)
 
     @classmethod
     def from_config(cls, config, rng: jax.Array, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,

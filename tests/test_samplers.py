@@ -138,7 +138,7 @@ def test_jitted_scan_matches_python_loop(name, overrides, options):
     steps = 10
     latents, noise = _inputs(steps, seed=1)
     sampler = make_sampler(name, {**SD_CONFIG, **overrides}, steps, **options)
-    run = jax.jit(lambda lat, nz: sample_loop(sampler, _jax_model, lat, noise=nz))
+    run = jax.jit(lambda lat, nz: sample_loop(sampler, _jax_model, lat * sampler.init_noise_sigma, noise=nz))
     scanned = np.asarray(run(jnp.asarray(latents), jnp.asarray(noise)))
     np.testing.assert_allclose(scanned, _python_loop(sampler, latents, noise), rtol=0, atol=1e-5)
 
@@ -146,7 +146,7 @@ def test_jitted_scan_matches_python_loop(name, overrides, options):
 def test_sample_loop_draws_noise_from_rng():
     sampler = make_sampler("euler_a", SD_CONFIG, 6)
     latents = jnp.asarray(_inputs(1)[0])
-    run = jax.jit(lambda key: sample_loop(sampler, _jax_model, latents, rng=key))
+    run = jax.jit(lambda key: sample_loop(sampler, _jax_model, latents * sampler.init_noise_sigma, rng=key))
     a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
     np.testing.assert_array_equal(a, b)
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2

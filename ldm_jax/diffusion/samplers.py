@@ -262,14 +262,21 @@ def _dpmpp_2m(config: Mapping[str, Any], n: int, options: Mapping[str, Any]) -> 
         coef_m0[i], coef_m1[i] = phi[i] + d1 / r0, -d1 / r0
 
     def init_state(latents):
-        """The previous x0 prediction, zeros before the first step."""
-        return jnp.zeros_like(latents)
+        """The previous x0 prediction (zeros before the first step) and whether there is one."""
+        return jnp.zeros_like(latents), jnp.asarray(False)
 
     def step(state, i, x, model_output, noise=None):
-        """x_next = (sigma_t / sigma_s) x + phi (x0 + (x0 - x0_prev) / (2 r0)) (midpoint; first order: phi x0)."""
+        """x_next = (sigma_t / sigma_s) x + phi (x0 + (x0 - x0_prev) / (2 r0)) (midpoint; first order: phi x0).
+
+        The first step taken is first order whatever ``i`` is, so a run that
+        starts part-way (img2img) begins as diffusers' does.
+        """
+        x0_prev, has_prev = state
         x0, _ = split_prediction(x, _at(alphas, i), _at(sigmas * alphas, i), model_output, s["prediction_type"])
-        x_next = _at(coef_x, i) * x + _at(coef_m0, i) * x0 + _at(coef_m1, i) * state
-        return x_next.astype(x.dtype), x0.astype(state.dtype)
+        m0 = jnp.where(has_prev, _at(coef_m0, i), _at(phi, i))
+        m1 = jnp.where(has_prev, _at(coef_m1, i), 0.0)
+        x_next = _at(coef_x, i) * x + m0 * x0 + m1 * x0_prev
+        return x_next.astype(x.dtype), (x0.astype(x0_prev.dtype), jnp.asarray(True))
 
     return Sampler("dpm++2m", ts.astype(np.int32), sigmas.astype(np.float32), 1.0, False, init_state,
                    _identity_input, step)
@@ -357,19 +364,39 @@ def make_sampler(name: str, scheduler_config: Mapping[str, Any], num_inference_s
     return _BUILDERS[name](scheduler_config, int(num_inference_steps), options)
 
 
-def sample_loop(sampler: Sampler, model_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array, *,
-                rng: jax.Array | None = None, noise: jax.Array | None = None) -> jax.Array:
-    """Runs all of ``sampler``'s steps with ``lax.scan`` and returns the final sample.
+def noise_to_step(sampler: Sampler, x0: jax.Array, noise: jax.Array, i: int) -> jax.Array:
+    """``x0`` noised to the level the sampler expects before step ``i`` (``i = num_steps``: after the last).
 
+    Variance-preserving samplers (ddpm, ddim, dpm++2m) get
+    ``(x0 + sigma_i noise) / sqrt(1 + sigma_i**2)``; the Euler family works on
+    the unscaled ``x0 + sigma_i noise``. Used to start img2img part-way and to
+    re-impose the known region when inpainting.
+    """
+    sigma = jnp.asarray(sampler.sigmas, jnp.float32)[i]
+    x = x0 + sigma * noise
+    if sampler.name not in ("euler", "euler_a"):
+        x = jnp.where(jnp.isinf(sigma), noise, x / jnp.sqrt(1.0 + sigma**2))
+    return x.astype(x0.dtype)
+
+
+def sample_loop(sampler: Sampler, model_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, *,
+                start: int = 0, rng: jax.Array | None = None, noise: jax.Array | None = None,
+                after_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
+    """Runs the sampler's steps ``start .. num_steps - 1`` with ``lax.scan`` and returns the final sample.
+
+    ``x`` is the sample before step ``start``: ``noise * sampler.init_noise_sigma``
+    for a full run, or :func:`noise_to_step` of a clean sample for a partial one.
     ``model_fn(x_in, t)`` returns the model output for the scaled input and the
-    scalar timestep ``t``. ``latents`` are standard normal (scaled here by
-    ``init_noise_sigma``). Stochastic samplers take their per-step noise from
-    ``noise`` [N, *latents.shape] or else draw it from ``rng`` with
-    ``fold_in(rng, i)``; ValueError if they get neither. Traceable under ``jax.jit``.
+    scalar timestep ``t``. Stochastic samplers take their per-step noise from
+    ``noise`` [N, *x.shape] (indexed by step) or else draw it from ``rng`` with
+    ``fold_in(rng, i)``; ValueError if they get neither. ``after_step(i, x)``,
+    if given, edits the sample after step ``i`` (inpainting). Traceable under
+    ``jax.jit``.
     """
     if sampler.needs_noise and noise is None and rng is None:
         raise ValueError(f"sampler {sampler.name!r} needs noise: pass rng or noise")
-    x = (latents * sampler.init_noise_sigma).astype(latents.dtype)
+    if not 0 <= start < sampler.num_steps:
+        raise ValueError(f"start must be in [0, {sampler.num_steps}), got {start}")
 
     def body(carry, i):
         """One step: model evaluation, then the sampler's update."""
@@ -379,7 +406,10 @@ def sample_loop(sampler: Sampler, model_fn: Callable[[jax.Array, jax.Array], jax
             step_noise = (noise[i] if noise is not None
                           else jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype))
         out = model_fn(sampler.scale_model_input(state, x, i), sampler.timestep(i))
-        return sampler.step(state, i, x, out, step_noise), None
+        x, state = sampler.step(state, i, x, out, step_noise)
+        if after_step is not None:
+            x = after_step(i, x)
+        return (x, state), None
 
-    (x, _), _ = jax.lax.scan(body, (x, sampler.init_state(x)), jnp.arange(sampler.num_steps))
+    (x, _), _ = jax.lax.scan(body, (x, sampler.init_state(x)), jnp.arange(start, sampler.num_steps))
     return x
