@@ -105,12 +105,13 @@ class MidBlock(nn.Module):
         return ResnetBlock2D(c, self.groups, EPS, name="resnets_1", **kw)(x)
 
 
-class DownBlock(nn.Module):
-    """``num_layers`` resnets, then (optionally) an asymmetric stride-2 conv: diffusers' ``DownEncoderBlock2D``."""
+class ResnetStack(nn.Module):
+    """``num_layers`` resnets, then an optional resampling: diffusers' ``DownEncoderBlock2D`` (``resample='down'``,
+    an asymmetric stride-2 conv) or ``UpDecoderBlock2D`` (``resample='up'``, nearest 2x then conv)."""
     channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -119,26 +120,9 @@ class DownBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
             x = ResnetBlock2D(self.channels, self.groups, EPS, name=f"resnets_{j}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.channels, asymmetric=True, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class UpBlock(nn.Module):
-    """``num_layers`` resnets, then (optionally) a nearest 2x upsample and conv: diffusers' ``UpDecoderBlock2D``."""
-    channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock2D(self.channels, self.groups, EPS, name=f"resnets_{j}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
         return x
 
@@ -160,8 +144,8 @@ class Encoder(nn.Module):
         last = len(self.block_out_channels) - 1
         for i, channels in enumerate(self.block_out_channels):
             x = nn.with_logical_constraint(x, ACT_AXES)
-            x = DownBlock(channels, self.layers_per_block, self.groups, add_downsample=i != last,
-                          name=f"down_blocks_{i}", **kw)(x)
+            x = ResnetStack(channels, self.layers_per_block, self.groups, resample=None if i == last else "down",
+                            name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock(self.groups, self.mid_block_add_attention, name="mid_block", **kw)(x)
         x = nn.silu(group_norm(self.groups, EPS, "conv_norm_out", **kw)(x))
         return conv(2 * self.latent_channels, 3, "conv_out", **kw)(x)
@@ -188,8 +172,8 @@ class Decoder(nn.Module):
         last = len(self.block_out_channels) - 1
         for i, channels in enumerate(reversed(self.block_out_channels)):
             x = nn.with_logical_constraint(x, ACT_AXES)
-            x = UpBlock(channels, self.layers_per_block + 1, self.groups, add_upsample=i != last,
-                        name=f"up_blocks_{i}", **kw)(x)
+            x = ResnetStack(channels, self.layers_per_block + 1, self.groups, resample=None if i == last else "up",
+                            name=f"up_blocks_{i}", **kw)(x)
         x = nn.silu(group_norm(self.groups, EPS, "conv_norm_out", **kw)(x))
         return conv(self.out_channels, 3, "conv_out", **kw)(x)
 
