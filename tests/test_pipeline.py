@@ -22,30 +22,18 @@ import transformers
 from ldm_jax import Pipeline, checkpoint_files, single_file, weights
 from ldm_jax.models.clip import normalize_state_dict, tokenize
 from ldm_jax.weights import WeightsMismatchError
-from tests.refs import clip as clip_refs
 from tests.refs import max_rel_error, numpy_state_dict
-from tests.refs import unet as unet_refs
-from tests.refs import vae as vae_refs
+from tests.refs import pipeline as pipeline_refs
 
-STYLES = {"sd1": (unet_refs.SD1_TINY, clip_refs.CLIP_SD1_TINY), "sd2": (unet_refs.SD2_TINY, clip_refs.CLIP_SD2_TINY)}
 PROMPTS = ["a red circle", "a photo of a cat on a mat"]
 TOL = 1e-4
 
 
-@functools.cache
 def reference(style: str, root: str) -> types.SimpleNamespace:
-    """The torch models of ``style`` and the diffusers folder they were saved to (built once per style)."""
-    unet_config, clip_config = STYLES[style]
-    folder = os.path.join(root, style)
-    tokenizer = clip_refs.make_tokenizer(os.path.join(root, f"{style}_tokenizer"))
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae_refs.build(vae_refs.VAE_TINY, seed=1), text_encoder=clip_refs.build(clip_config, seed=2),
-        tokenizer=tokenizer, unet=unet_refs.build(unet_config, seed=0),
-        scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                          steps_offset=1, clip_sample=False, set_alpha_to_one=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return types.SimpleNamespace(pipe=pipe, folder=folder, inputs=make_inputs(unet_config, tokenizer))
+    """The torch models of ``style``, the diffusers folder they were saved to, and inputs for both implementations."""
+    pipe, folder = pipeline_refs.build(style, root)
+    return types.SimpleNamespace(pipe=pipe, folder=folder,
+                                 inputs=make_inputs(pipeline_refs.STYLES[style][0], pipe.tokenizer))
 
 
 def make_inputs(unet_config: dict, tokenizer) -> dict:
@@ -106,7 +94,7 @@ def assert_outputs_close(ours: dict, theirs: dict, tol: float = TOL) -> None:
     assert all(e <= tol for e in errors.values()), errors
 
 
-@pytest.fixture(scope="module", params=sorted(STYLES))
+@pytest.fixture(scope="module", params=sorted(pipeline_refs.STYLES))
 def ref(request, tmp_path_factory):
     return reference(request.param, str(tmp_path_factory.getbasetemp()))
 

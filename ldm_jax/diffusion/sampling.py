@@ -95,12 +95,13 @@ def _start_step(num_steps: int, strength: float) -> int:
 
 @functools.partial(jax.jit, static_argnames=(
     "models", "sampler", "steps", "guidance_scale", "height", "width", "strength", "sampler_options",
-    "return_latents"))
+    "sample_posterior", "return_latents"))
 def sample_fn(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Array | None, rng: jax.Array,
               latents: jax.Array | None = None, init_image: jax.Array | None = None, mask: jax.Array | None = None,
               *, models: Models, sampler: str = "ddim", steps: int = 50, guidance_scale: float = 7.5,
               height: int = 512, width: int = 512, strength: float = 1.0,
-              sampler_options: tuple[tuple[str, Any], ...] = (), return_latents: bool = False):
+              sampler_options: tuple[tuple[str, Any], ...] = (), sample_posterior: bool = True,
+              return_latents: bool = False):
     """Generate images for a batch of prompts; jitted and pure.
 
     Args:
@@ -113,15 +114,26 @@ def sample_fn(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Ar
       latents: optional standard normal initial latents [B, h, w, C] (NHWC);
         drawn from ``rng`` when None.
       init_image: optional image [B, height, width, 3] in [-1, 1] to start from
-        (img2img: it is encoded, noised to ``strength`` and denoised).
+        (img2img: it is encoded, noised with ``latents`` to ``strength`` and
+        denoised over the last ``int(steps * strength)`` steps).
       mask: optional [B, h, w, 1] at latent resolution, 1 where to generate and 0
         where to keep ``init_image`` (inpainting by latent masking; needs
-        ``init_image``).
+        ``init_image``). At ``strength`` 1 the run starts from pure noise, below
+        it from the noised image, as diffusers' StableDiffusionInpaintPipeline
+        does with a 4-channel U-Net.
       models: the static `Models` bundle (``Pipeline.models``).
       sampler: one of ``samplers.SAMPLERS``; ``sampler_options`` are its
         options as ``(name, value)`` pairs, e.g. ``(('eta', 0.0),)``.
-      steps, guidance_scale, height, width, strength: as in diffusers' pipelines.
-      return_latents: also return the final (unscaled-by-VAE) latents.
+      steps, guidance_scale, height, width, strength: as in diffusers' pipelines
+        (``strength`` needs ``init_image``). Unlike diffusers, a
+        ``guidance_scale`` below 1 still applies guidance; only exactly 1 skips
+        the unconditional half.
+      sample_posterior: encode ``init_image`` to a sample of the VAE posterior
+        (drawn from ``rng``, as diffusers does) or, if False, to its mode (the
+        mean: diffusers' ``sample_mode="argmax"``), which makes img2img and
+        inpainting deterministic given ``latents``.
+      return_latents: also return the final latents, in the U-Net's space (VAE
+        latents times ``scale_factor``, as diffusers' ``output_type="latent"``).
 
     Returns:
       images [B, height, width, 3] float32 in [0, 1], and the final latents if
@@ -137,6 +149,15 @@ def sample_fn(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Ar
         raise ValueError(f"latents have shape {latents.shape}, expected {shape} for {height}x{width} images")
     if mask is not None and init_image is None:
         raise ValueError("inpainting needs init_image as well as mask")
+    if init_image is None and strength != 1.0:
+        raise ValueError(f"strength {strength} needs init_image (img2img or inpainting)")
+    if uncond_ids is not None and uncond_ids.shape != cond_ids.shape:
+        raise ValueError(f"uncond_ids have shape {uncond_ids.shape}, cond_ids {cond_ids.shape}: they must match")
+    if init_image is not None and init_image.shape[:3] != (batch, height, width):
+        raise ValueError(f"init_image has shape {init_image.shape}, expected ({batch}, {height}, {width}, channels)")
+    if mask is not None and not (mask.ndim == 4 and all(m in (1, n) for m, n in zip(mask.shape, shape[:3] + (1,)))):
+        raise ValueError(f"mask has shape {mask.shape}, expected {shape[:3] + (1,)} (latent resolution) or one "
+                         "that broadcasts to it")
 
     context = _encode_text(models, params["text_encoder"], cond_ids)
     if guidance_scale != 1.0:
@@ -149,11 +170,11 @@ def sample_fn(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Ar
     x = latents * sampler_.init_noise_sigma
     if init_image is not None:
         posterior = models.vae.apply({"params": params["vae"]}, init_image, method="encode")
-        x0 = posterior.sample(posterior_key) * models.scale_factor
-        if mask is None:
-            start = _start_step(sampler_.num_steps, strength)
+        x0 = (posterior.sample(posterior_key) if sample_posterior else posterior.mode()) * models.scale_factor
+        start = _start_step(sampler_.num_steps, strength)
+        if mask is None or strength < 1.0:
             x = samplers.noise_to_step(sampler_, x0, latents, start)
-        else:
+        if mask is not None:
             def after_step(i, x):
                 """Put back the known region, noised to the level after step ``i``."""
                 known = samplers.noise_to_step(sampler_, x0, latents, i + 1)
