@@ -1,0 +1,180 @@
+r"""Text to a PNG grid of images with a pretrained pipeline or a training checkpoint.
+
+  python -m ldm_jax.sample --pretrained DIR --prompt "a photo of a cat" --out grid.png
+  python -m ldm_jax.sample --checkpoint WORKDIR [--step N] --prompt "..." [--negative-prompt ""]
+      [--sampler ddim] [--steps 50] [--guidance 7.5] [--seed 0] [--num-images 4] [--height H --width W]
+
+--pretrained takes a diffusers folder or a single-file SD .safetensors (which
+has no tokenizer: add --tokenizer DIR); --checkpoint a training workdir
+(ldm_jax.training.checkpoints). The same flags and seed give the same file.
+Progress goes to stderr; the last line on stdout is the path written.
+"""
+
+import contextlib
+import math
+import os
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from absl import app, flags, logging
+from PIL import Image
+
+from ldm_jax.diffusion.samplers import SAMPLERS
+from ldm_jax.diffusion.sampling import sample_fn
+from ldm_jax.models.clip import load_tokenizer, tokenize
+from ldm_jax.pipeline import Pipeline
+from ldm_jax.training import checkpoints
+
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "A diffusers pipeline folder or single-file SD .safetensors.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (its checkpoints/ and tokenizer/).")
+_STEP = flags.DEFINE_integer("step", None, "With --checkpoint: the step to load (default: the latest).",
+                             lower_bound=0)
+_EMA = flags.DEFINE_bool("ema", True, "With --checkpoint: use the EMA U-Net params when saved (--noema: the raw ones).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "A tokenizer folder (default: the pipeline's tokenizer/).")
+_PROMPT = flags.DEFINE_string("prompt", None, "The text prompt.", required=True)
+_NEGATIVE_PROMPT = flags.DEFINE_string("negative-prompt", "", "What to steer away from (the unconditional prompt).")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", SAMPLERS, "The sampling algorithm.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Number of sampling steps.", lower_bound=1)
+_GUIDANCE = flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: no guidance).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same images.")
+_NUM_IMAGES = flags.DEFINE_integer("num-images", 4, "Number of images in the grid.", lower_bound=1)
+_HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model's native size).", lower_bound=1)
+_WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's native size).", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
+_OUT = flags.DEFINE_string("out", "grid.png", "Where to write the PNG grid.")
+flags.register_multi_flags_validator(
+    ["pretrained", "checkpoint"], lambda values: (values["pretrained"] is None) != (values["checkpoint"] is None),
+    message="give exactly one of --pretrained DIR or --checkpoint WORKDIR")
+
+
+class InputError(Exception):
+    """Bad input: reported as one line on stderr, exit status 1."""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse ``argv`` into the flags; a bad flag exits with a one-line message instead of the usage text."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"ldm_jax.sample: error: {error}")
+
+
+@contextlib.contextmanager
+def progress(what: str):
+    """Print ``what ...`` to stderr, then the seconds the block took (just a line break if it raised)."""
+    print(f"{what} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(file=sys.stderr, flush=True)
+        raise
+    print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def load() -> Pipeline:
+    """The pipeline named by --pretrained or --checkpoint, with the tokenizer of --tokenizer if given.
+
+    The params are placed on the first local device either way (a checkpoint
+    restores them there), so both sources give the same compiled program.
+    """
+    dtype = jnp.dtype(_DTYPE.value)
+    if _PRETRAINED.value is not None:
+        pipe = Pipeline.from_pretrained(_PRETRAINED.value, dtype=dtype)
+        pipe.params = jax.device_put(pipe.params, jax.local_devices()[0])
+    else:
+        pipe = checkpoints.load_pipeline(_CHECKPOINT.value, _STEP.value, use_ema=_EMA.value, dtype=dtype)
+    if _TOKENIZER.value is not None:
+        pipe.tokenizer = load_tokenizer(_TOKENIZER.value)
+    if pipe.tokenizer is None:
+        raise InputError(f"{_PRETRAINED.value or _CHECKPOINT.value} has no tokenizer/: pass --tokenizer DIR")
+    return pipe
+
+
+def token_ids(pipe: Pipeline, prompt: str, n: int) -> np.ndarray:
+    """``prompt`` tokenized and padded to the text encoder's length, repeated ``n`` times; warnings to stderr."""
+    max_length = pipe.configs["text_encoder"].get("max_position_embeddings", pipe.tokenizer.model_max_length)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = tokenize(pipe.tokenizer, prompt, max_length)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    return np.repeat(ids, n, axis=0)
+
+
+def image_size(pipe: Pipeline) -> tuple[int, int]:
+    """--height/--width, or the model's native size (U-Net sample size times the VAE factor) where not given."""
+    factor = 2 ** (len(pipe.vae.block_out_channels) - 1)
+    size = pipe.configs["unet"]["sample_size"] * factor
+    height, width = _HEIGHT.value or size, _WIDTH.value or size
+    if height % factor or width % factor:
+        raise InputError(f"--height {height} and --width {width} must be multiples of the VAE's factor {factor}")
+    return height, width
+
+
+def generate(pipe: Pipeline, cond: np.ndarray, uncond: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Compile and run `sample_fn` for the flags' sampler settings; images [N, H, W, 3] in [0, 1]."""
+    settings = dict(models=pipe.models, sampler=_SAMPLER.value, steps=_STEPS.value,
+                    guidance_scale=_GUIDANCE.value, height=height, width=width)
+    args = (pipe.params, cond, uncond, jax.random.key(_SEED.value))
+    with progress(f"compiling ({_SAMPLER.value}, {_STEPS.value} steps, {len(cond)} x {height}x{width})"):
+        compiled = sample_fn.lower(*args, **settings).compile()
+    with progress("sampling"):
+        return np.asarray(jax.block_until_ready(compiled(*args)))
+
+
+def make_grid(images: np.ndarray) -> Image.Image:
+    """Images [N, H, W, 3] in [0, 1] tiled row by row into one RGB image, ceil(sqrt(N)) columns wide."""
+    n, height, width, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    tiles = np.zeros((rows * cols, height, width, 3), np.uint8)
+    tiles[:n] = np.round(np.clip(images, 0.0, 1.0) * 255.0)
+    grid = tiles.reshape(rows, cols, height, width, 3).transpose(0, 2, 1, 3, 4).reshape(rows * height, cols * width, 3)
+    return Image.fromarray(grid)
+
+
+def run() -> str:
+    """Load, tokenize, sample and write the grid as the flags say; returns the path written."""
+    with progress(f"loading {_PRETRAINED.value or _CHECKPOINT.value}"):
+        pipe = load()
+    cond = token_ids(pipe, _PROMPT.value, _NUM_IMAGES.value)
+    uncond = token_ids(pipe, _NEGATIVE_PROMPT.value, _NUM_IMAGES.value)
+    images = generate(pipe, cond, uncond, *image_size(pipe))
+    with progress(f"saving {_OUT.value}"):
+        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+        make_grid(images).save(_OUT.value, format="PNG")
+    return _OUT.value
+
+
+def quiet_logs() -> None:
+    """Show only warnings and errors of libraries (``-v 0`` brings back INFO logs).
+
+    transformers' own too-long-sequence message is silenced: `token_ids`
+    reports the truncation more precisely.
+    """
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+
+
+def main(argv: list[str]) -> None:
+    """Entry point under ``absl.app.run``: bad input exits with one line on stderr, no traceback."""
+    if len(argv) > 1:
+        sys.exit(f"ldm_jax.sample: error: unexpected arguments {argv[1:]}")
+    quiet_logs()
+    jax.config.update("jax_threefry_partitionable", True)
+    try:
+        path = run()
+    except (InputError, OSError, ValueError) as error:
+        sys.exit(f"ldm_jax.sample: error: {error}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

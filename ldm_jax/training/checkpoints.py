@@ -1,0 +1,194 @@
+"""Checkpoints of a training workdir: everything the sampler needs to rebuild the `Pipeline`.
+
+Layout on disk::
+
+    WORKDIR/
+      checkpoints/               an orbax CheckpointManager directory
+        <step>/                  one folder per kept step (the newest ``keep``)
+          params/                PyTree item: {'unet', 'vae', 'text_encoder'[, 'ema_unet']} param trees
+          config/                JSON item: {'configs': {'unet', 'vae', 'text_encoder', 'scheduler'},
+                                             'scale_factor': float}
+          _CHECKPOINT_METADATA
+      tokenizer/                 the CLIPTokenizer files (``tokenizer.save_pretrained``)
+
+The params item holds only parameters; training state (optimizer state, data
+iterator position, ...) goes into further items of the same step, which a
+reader that does not ask for them ignores: add their handlers to
+`item_handlers` and their save args next to `pipeline_save_args`'s.
+Params are restored into the abstract tree that the saved configs describe, so
+a checkpoint that does not fit its configs is reported key by key before any
+array is read.
+"""
+
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from ldm_jax.models.clip import load_tokenizer
+from ldm_jax.pipeline import COMPONENTS, Pipeline, abstract_params, build_modules
+from ldm_jax.weights import WeightsMismatchError
+
+PARAMS, CONFIG = "params", "config"
+EMA_UNET = "ema_unet"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """The orbax CheckpointManager directory of ``workdir``."""
+    return os.path.join(workdir, "checkpoints")
+
+
+def item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    """The orbax handler of every item a step may hold, by item name."""
+    return {PARAMS: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+
+
+def checkpoint_manager(workdir: str, *, keep: int | None = 3, create: bool = True) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager over ``WORKDIR/checkpoints`` that keeps the newest ``keep`` steps (None: all)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=item_handlers())
+
+
+def pipeline_save_args(pipeline: Pipeline, ema_unet: Any = None) -> dict[str, ocp.args.CheckpointArgs]:
+    """The save args of the params and config items, for ``manager.save(step, args=Composite(**args))``.
+
+    ``ema_unet`` (optional) is an EMA copy of the U-Net params, stored beside
+    them and preferred by `load_pipeline`.
+    """
+    params = {name: flax.linen.meta.unbox(pipeline.params[name]) for name in COMPONENTS}
+    if ema_unet is not None:
+        ema_unet = flax.linen.meta.unbox(ema_unet)
+        if jax.tree.structure(ema_unet) != jax.tree.structure(params["unet"]):
+            raise ValueError("ema_unet does not have the tree structure of the pipeline's U-Net params")
+        params[EMA_UNET] = ema_unet
+    config = {"configs": pipeline.configs, "scale_factor": pipeline.scale_factor}
+    return {PARAMS: ocp.args.PyTreeSave(params), CONFIG: ocp.args.JsonSave(config)}
+
+
+def save_tokenizer(workdir: str, tokenizer: Any) -> None:
+    """Write the tokenizer files to ``WORKDIR/tokenizer`` (on the first process only; no-op for None)."""
+    if tokenizer is not None and jax.process_index() == 0:
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+
+
+def save_pipeline(workdir: str, step: int, pipeline: Pipeline, *, ema_unet: Any = None, keep: int | None = 3) -> str:
+    """Save the pipeline's params and configs as checkpoint ``step`` of ``workdir``; returns the step's folder.
+
+    Keeps the newest ``keep`` steps (None: all) and copies the tokenizer to
+    ``WORKDIR/tokenizer``. Blocks until the checkpoint is written.
+    """
+    with checkpoint_manager(workdir, keep=keep) as manager:
+        manager.save(step, args=ocp.args.Composite(**pipeline_save_args(pipeline, ema_unet)))
+        manager.wait_until_finished()
+    save_tokenizer(workdir, pipeline.tokenizer)
+    return os.path.join(checkpoint_dir(workdir), str(step))
+
+
+def available_steps(workdir: str) -> list[int]:
+    """The saved steps of ``workdir``, oldest first; FileNotFoundError when there are none."""
+    folder = checkpoint_dir(workdir)
+    steps = []
+    if os.path.isdir(folder):
+        with checkpoint_manager(workdir, keep=None, create=False) as manager:
+            steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {workdir}: expected step folders {folder}/<step>/ with items "
+                                f"'{PARAMS}' and '{CONFIG}' (written by ldm_jax.training.checkpoints.save_pipeline)")
+    return steps
+
+
+def resolve_step(workdir: str, step: int | None = None) -> int:
+    """``step`` if ``workdir`` has it (the latest step for None); FileNotFoundError listing the saved steps if not."""
+    steps = available_steps(workdir)
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
+                                f"available steps: {', '.join(map(str, steps))}")
+    return step
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``'a/b/c' -> shape`` for every leaf of a nested dict of arrays or array metadata."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+    return {"/".join(path): tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def check_fits(stored: Any, abstract: Any, *, what: str) -> None:
+    """Raise WeightsMismatchError naming every missing, unexpected and misshapen parameter of ``stored``."""
+    found, expected = _shapes(stored), _shapes(abstract)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{key}: expected shape {shape}, found {found[key]}"
+                  for key, shape in sorted(expected.items()) if key in found and found[key] != shape]
+    problems = [f"{len(keys)} {kind}: " + ", ".join(keys[:20])
+                for kind, keys in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                                   ("shape mismatch(es)", mismatched)) if keys]
+    if problems:
+        raise WeightsMismatchError(f"{what} does not fit its model configs: " + " | ".join(problems))
+
+
+def params_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The shapes and dtypes of the params item at ``step``, by component (no array is read)."""
+    return manager.item_metadata(step)[PARAMS].tree
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract: dict[str, Any],
+                   stored: dict[str, Any]) -> dict[str, Any]:
+    """Restore the components named by the keys of ``abstract`` (any subset of the params item) at ``step``.
+
+    ``abstract`` holds ``jax.ShapeDtypeStruct`` trees; their dtypes and
+    shardings are those of the restored arrays. Keys and shapes are first
+    checked against ``stored``, the step's `params_metadata`.
+    """
+    for name, tree in abstract.items():
+        if name not in stored:
+            raise WeightsMismatchError(f"checkpoint step {step} in {manager.directory} has no '{name}' params "
+                                       f"(it has {sorted(stored)})")
+        check_fits(stored[name], tree, what=f"'{name}' params of checkpoint step {step} in {manager.directory}")
+    restore = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                     partial_restore=True)
+    return manager.restore(step, args=ocp.args.Composite(**{PARAMS: restore}))[PARAMS]
+
+
+def read_configs(manager: ocp.CheckpointManager, step: int) -> dict[str, dict]:
+    """The model and scheduler configs saved at ``step``, the VAE's carrying the saved latent scale factor."""
+    saved = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    configs = saved["configs"]
+    configs["vae"]["scaling_factor"] = saved["scale_factor"]
+    return configs
+
+
+def _abstract(module: Any, name: str, config: dict, sharding: jax.sharding.Sharding) -> Any:
+    """The module's param shapes and dtypes as ``ShapeDtypeStruct``s placed on ``sharding``."""
+    tree = flax.linen.meta.unbox(abstract_params(module, name, config))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_pipeline(workdir: str, step: int | None = None, *, use_ema: bool = True, dtype: Any = jnp.float32,
+                  param_dtype: Any = jnp.float32) -> Pipeline:
+    """The `Pipeline` saved as checkpoint ``step`` of ``workdir`` (the latest step for None).
+
+    The EMA U-Net params are used when the checkpoint has them and
+    ``use_ema``; ``dtype`` is the compute dtype, ``param_dtype`` that of the
+    restored params (on the first local device). The tokenizer comes from
+    ``WORKDIR/tokenizer`` (None when absent).
+    """
+    step = resolve_step(workdir, step)
+    with checkpoint_manager(workdir, keep=None, create=False) as manager:
+        configs = read_configs(manager, step)
+        modules = build_modules(configs, dtype, param_dtype)
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = {name: _abstract(modules[name], name, configs[name], sharding) for name in COMPONENTS}
+        stored = params_metadata(manager, step)
+        if use_ema and EMA_UNET in stored:
+            abstract[EMA_UNET] = abstract.pop("unet")
+        params = restore_params(manager, step, abstract, stored)
+    if EMA_UNET in params:
+        params["unet"] = params.pop(EMA_UNET)
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
+    return Pipeline(**modules, params=params, configs=configs, tokenizer=tokenizer)
