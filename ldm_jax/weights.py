@@ -24,6 +24,7 @@ import numpy as np
 INDEXED_MODULES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
     "transformer_blocks", "layers", "to_out", "net",
+    "features", "model", "main",  # torchvision VGG16, lpips linear heads, taming's PatchGAN discriminator
 })
 _INDEXED = re.compile(r"^(%s)_(\d+)$" % "|".join(sorted(INDEXED_MODULES)))
 

@@ -18,14 +18,15 @@ CONV_AXES = (None, None, "conv_in", "conv_out")
 
 
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding=None,
-         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, use_bias: bool = True) -> nn.Conv:
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, use_bias: bool = True,
+         kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.Conv:
     """A 2D convolution with torch-style symmetric padding (kernel // 2 unless given)."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=use_bias,
         dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+        kernel_init=nn.with_logical_partitioning(kernel_init, CONV_AXES),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
 
 

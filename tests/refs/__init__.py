@@ -4,6 +4,8 @@ Each submodule builds one reference model at a tiny config; this package holds
 what they share.
 """
 
+import flax.linen as nn
+import jax
 import numpy as np
 import torch
 
@@ -32,3 +34,22 @@ def max_rel_error(ours, reference) -> float:
     ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
     assert ours.shape == reference.shape, (ours.shape, reference.shape)
     return float(np.max(np.abs(ours - reference)) / max(1.0, float(np.max(np.abs(reference)))))
+
+
+def random_params(module: nn.Module, *args, seed: int, non_negative: bool = False) -> dict:
+    """Seeded random float32 params shaped like ``module.init(key, *args)``, without compiling an init.
+
+    Kernels are N(0, 1 / fan_in), scales 1 + N(0, 0.01), other leaves N(0, 0.01); absolute values with ``non_negative``.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            value = rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape)
+        else:
+            value = (name == "scale") + 0.1 * rng.normal(size=leaf.shape)
+        return np.asarray(np.abs(value) if non_negative else value, np.float32)
+
+    abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *args)["params"])
+    return jax.tree_util.tree_map_with_path(draw, abstract)
