@@ -54,6 +54,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ldm_jax import checkpoint_files
+from ldm_jax.models.vae import DEFAULT_SCALING_FACTOR
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -88,7 +89,6 @@ IGNORED_TEXT_KEYS = frozenset({
     OPEN_CLIP_PREFIX + "attn_mask",
 })
 
-SD_VAE_SCALING_FACTOR = 0.18215
 SD_SCHEDULER = {
     "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1000,
@@ -410,7 +410,7 @@ def _infer_vae(vae: Mapping[str, Any]) -> dict:
         "latent_channels": _shape(vae, "decoder.conv_in.weight", what)[1],
         "norm_num_groups": 32,
         "sample_size": 512,
-        "scaling_factor": SD_VAE_SCALING_FACTOR,
+        "scaling_factor": DEFAULT_SCALING_FACTOR,
         "force_upcast": True,
         "use_quant_conv": "quant_conv.weight" in vae,
         "use_post_quant_conv": "post_quant_conv.weight" in vae,

@@ -27,6 +27,8 @@ import diffusers
 import transformers
 
 from ldm_jax import single_file as sf
+from ldm_jax.models.clip import normalize_state_dict
+from ldm_jax.models.vae import DEFAULT_SCALING_FACTOR
 from tests.refs import max_rel_error, numpy_state_dict, perturb_norms
 
 VOCAB, POSITIONS = 99, 16
@@ -63,11 +65,6 @@ NOT_IN_SHAPES = {"unet": ("attention_head_dim", "norm_num_groups"), "vae": ("nor
                  "text_encoder": ("num_attention_heads",)}
 
 
-def _with_text_model_prefix(state: dict) -> dict:
-    """transformers >= 5.6 CLIPTextModel.state_dict() drops 'text_model.'; our states keep it."""
-    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
-
-
 SEEDS = {"sd1": 0, "sd2": 10}
 
 
@@ -86,7 +83,7 @@ def _build(style: str) -> types.SimpleNamespace:
     configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text.config.to_dict(),
                "scheduler": dict(scheduler.config)}
     states = {"unet": numpy_state_dict(unet), "vae": numpy_state_dict(vae),
-              "text_encoder": _with_text_model_prefix(numpy_state_dict(text))}
+              "text_encoder": normalize_state_dict(numpy_state_dict(text))}
     return types.SimpleNamespace(unet=unet, vae=vae, text_encoder=text, scheduler=scheduler, configs=configs,
                                  states=states)
 
@@ -201,7 +198,7 @@ def test_our_split_agrees_with_diffusers_on_the_same_file(case, diffusers_pipe):
     for name in ("unet", "vae", "text_encoder"):
         theirs = numpy_state_dict(pipe.components[name])
         if name == "text_encoder":
-            theirs = _with_text_model_prefix(theirs)
+            theirs = normalize_state_dict(theirs)
         assert set(ours[name]) == set(theirs), (name, sorted(set(ours[name]) ^ set(theirs))[:10])
         for key in theirs:
             np.testing.assert_array_equal(ours[name][key], theirs[key], err_msg=f"{name}: {key}")
@@ -267,7 +264,7 @@ def test_infer_configs_recovers_the_architecture(case):
         want, got = _arch(ref.configs[name]), _arch(configs[name])
         for field in fields:
             assert got[field] == want[field], (name, field, got[field], want[field])
-    assert configs["vae"]["scaling_factor"] == sf.SD_VAE_SCALING_FACTOR
+    assert configs["vae"]["scaling_factor"] == DEFAULT_SCALING_FACTOR
     assert configs["scheduler"]["prediction_type"] == "epsilon"
     for field in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset",
                   "set_alpha_to_one", "clip_sample", "timestep_spacing"):
@@ -312,7 +309,7 @@ def test_full_size_configs_follow_sd_rules(name):
         text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**spec["text"]))
     configs = {"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": text.config.to_dict()}
     state = sf.join_original(_meta_shapes(unet), _meta_shapes(vae),
-                             _with_text_model_prefix(_meta_shapes(text)), configs)
+                             normalize_state_dict(_meta_shapes(text)), configs)
     if name == "sd15":  # what SD 1.x files carry besides the weights
         state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.zeros((1, 77), np.int64)
         state["model_ema.decay"] = np.zeros(())
