@@ -62,13 +62,15 @@ class Source:
 
 @dataclasses.dataclass(eq=False)
 class DataIterator:
-    """Iterator over numpy batches, with the dataset behind it, its tokenizer and the skipped files.
+    """Iterator over numpy batches, with the dataset behind it, its tokenizer, the skipped files and
+    ``size``, the number of examples in this host's share of the split.
 
     ``close()`` stops its input threads; live iterators are closed at exit.
     """
     dataset: tf.data.Dataset
     tokenizer: Any
     skipped: tuple[str, ...]
+    size: int
     _batches: Iterator[dict[str, np.ndarray]] | None = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
@@ -130,7 +132,7 @@ def make_iterator(config: Mapping[str, Any], split: str | None = None, seed: int
     dataset = dataset.batch(per_host, drop_remainder=num_epochs is None)
     if tokenizer is not None:
         dataset = dataset.map(_tokenize_fn(tokenizer, data.max_length or tokenizer.model_max_length))
-    return DataIterator(dataset.prefetch(tf.data.AUTOTUNE), tokenizer, source.skipped)
+    return DataIterator(dataset.prefetch(tf.data.AUTOTUNE), tokenizer, source.skipped, source.size)
 
 
 def make_tokenizer(data: Mapping[str, Any]) -> Any:

@@ -32,8 +32,37 @@ from ldm_jax.models.clip import load_tokenizer
 from ldm_jax.pipeline import COMPONENTS, Pipeline, abstract_params, build_modules
 from ldm_jax.weights import WeightsMismatchError
 
-PARAMS, CONFIG = "params", "config"
+PARAMS, CONFIG, STATE = "params", "config", "state"
 EMA_UNET = "ema_unet"
+
+
+def save_train_step(manager: ocp.CheckpointManager, step: int, params: dict[str, Any], state: Any,
+                    config: dict[str, Any]) -> None:
+    """Save ``params`` (by model name), the rest of the training ``state`` and a JSON ``config`` as ``step``.
+
+    Asynchronous: call ``manager.wait_until_finished()`` before reading it back.
+    """
+    manager.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.PyTreeSave(flax.linen.meta.unbox(params)),
+        STATE: ocp.args.PyTreeSave(flax.linen.meta.unbox(state)),
+        CONFIG: ocp.args.JsonSave(config)}))
+
+
+def restore_train_step(manager: ocp.CheckpointManager, step: int, params: dict[str, Any],
+                       state: Any) -> tuple[dict[str, Any], Any]:
+    """Restore the ``params`` and ``state`` items of ``step`` into the given abstract trees (with shardings).
+
+    The params are checked key by key and shape by shape first.
+    """
+    restored_params = restore_params(manager, step, params, params_metadata(manager, step))
+    restore = ocp.args.PyTreeRestore(state, restore_args=ocp.checkpoint_utils.construct_restore_args(state))
+    restored_state = manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))[STATE]
+    return restored_params, restored_state
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The JSON config item saved at ``step``."""
+    return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -43,7 +72,8 @@ def checkpoint_dir(workdir: str) -> str:
 
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:
     """The orbax handler of every item a step may hold, by item name."""
-    return {PARAMS: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+    return {PARAMS: ocp.PyTreeCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler(),
+            STATE: ocp.PyTreeCheckpointHandler()}
 
 
 def checkpoint_manager(workdir: str, *, keep: int | None = 3, create: bool = True) -> ocp.CheckpointManager:
@@ -156,7 +186,7 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract: dict[str
 
 def read_configs(manager: ocp.CheckpointManager, step: int) -> dict[str, dict]:
     """The model and scheduler configs saved at ``step``, the VAE's carrying the saved latent scale factor."""
-    saved = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    saved = read_config(manager, step)
     configs = saved["configs"]
     configs["vae"]["scaling_factor"] = saved["scale_factor"]
     return configs

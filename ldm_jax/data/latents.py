@@ -1,0 +1,312 @@
+"""The latent cache: every example encoded once by the frozen VAE, on disk, for stage 2.
+
+What is stored: the posterior's **moments** (``mean`` and ``logvar``,
+float32, unscaled), not one sampled ``z * scale``. Stage 2 draws
+``z = (mean + exp(logvar / 2) * eps) * scale`` with a fresh ``eps`` every time an
+example is seen, exactly what encoding on the fly would give (LDM samples the
+posterior per step), while a single cached sample would freeze one draw of
+the noise for the whole run. It costs twice the disk of one sample (8 KB an
+example at 16x16x4), and the scale factor stays a recorded number, not baked in.
+
+Layout::
+
+    DIR/manifest.json              written last: format, the VAE's reference and fingerprint, scale factor,
+                                   the data settings that shape the examples, latent shape, shards per split
+    DIR/<split>/<process>-<shard>.<field>.npy     fields: mean, logvar [n, h, w, c] float32,
+                                   input_ids [n, L] int32 (when the data has a tokenizer), caption [n] bytes,
+                                   index [n] int64 (the example's index in the split)
+
+Every process encodes its own share of a split (the data pipeline's host
+shard) and writes its own shards to the shared folder; process 0 writes the
+manifest after all are done. A folder without a manifest is an interrupted
+build and is rebuilt; one whose manifest names a different VAE or different
+data settings is refused (`CacheMismatchError`), never mixed.
+
+Reading (`LatentIterator`) follows the data pipeline's order rule: host ``p``
+reads its contiguous share, position ``i`` is example ``perm_e(i mod size)``
+of epoch ``e``, ``perm_e`` seeded by (seed, host, e), so batch ``k`` depends
+only on (seed, host, k) and a resumed run continues the same order.
+"""
+
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+from typing import Any, Iterator, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from ldm_jax import parallel
+from ldm_jax.data.pipeline import host_range, make_iterator
+from ldm_jax.models.vae import AutoencoderKL
+
+FORMAT = "ldm_jax latent moments v1"
+MANIFEST = "manifest.json"
+MOMENTS = ("mean", "logvar")
+# Data settings that change what the cached examples are (batch size and download do not).
+DATA_IDENTITY = ("source", "name", "data_dir", "image_feature", "caption_feature", "label_feature",
+                 "caption_template", "tokenizer", "max_length", "image_size", "random_crop", "flip", "seed")
+
+
+class CacheMismatchError(ValueError):
+    """The cache on disk was made by another VAE or from other data settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenVAE:
+    """A VAE to encode with: module, params, latent scale factor and a reference to where it came from.
+
+    ``reference`` is JSON: {'source': path, 'step': int or None, 'fingerprint': sha256 of the params}.
+    """
+    module: AutoencoderKL
+    params: Any
+    scale_factor: float
+    reference: dict[str, Any]
+
+
+def fingerprint(params: Any) -> str:
+    """sha256 over the parameter names, shapes, dtypes and bytes (gathered to host)."""
+    digest = hashlib.sha256()
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(flax.linen.meta.unbox(params)))
+    for path in sorted(flat):
+        value = np.asarray(multihost_utils.process_allgather(flat[path], tiled=True))
+        digest.update(f"{'/'.join(path)}:{value.shape}:{value.dtype}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def frozen_vae(module: AutoencoderKL, params: Any, scale_factor: float, source: str,
+               step: int | None = None) -> FrozenVAE:
+    """A `FrozenVAE` whose reference names ``source`` (absolute path) and ``step``, with the params' fingerprint."""
+    reference = {"source": os.path.abspath(source), "step": step, "fingerprint": fingerprint(params)}
+    return FrozenVAE(module, params, float(scale_factor), reference)
+
+
+def data_identity(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The data settings recorded in (and checked against) a manifest."""
+    return {key: data[key] for key in DATA_IDENTITY}
+
+
+def read_manifest(folder: str) -> dict[str, Any] | None:
+    """The cache's manifest, or None when ``folder`` has none (absent or interrupted build)."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_manifest(manifest: Mapping[str, Any], vae: FrozenVAE, data: Mapping[str, Any], folder: str) -> None:
+    """CacheMismatchError naming both sides when the cache was not made by ``vae`` from ``data``."""
+    if manifest.get("format") != FORMAT:
+        raise CacheMismatchError(f"latent cache {folder} has format {manifest.get('format')!r}, not {FORMAT!r}; "
+                                 "delete it or choose another latents.dir")
+    made_by = manifest["vae"]
+    if made_by["fingerprint"] != vae.reference["fingerprint"]:
+        raise CacheMismatchError(
+            f"latent cache {folder} was made by the VAE {made_by['source']} (step {made_by['step']}, fingerprint "
+            f"{made_by['fingerprint'][:12]}), not by {vae.reference['source']} (step {vae.reference['step']}, "
+            f"fingerprint {vae.reference['fingerprint'][:12]}); refusing to mix latents of two VAEs: delete the "
+            "cache or set latents.dir to a new folder")
+    wanted = data_identity(data)
+    changed = {k: (manifest["data"].get(k), v) for k, v in wanted.items() if manifest["data"].get(k) != v}
+    if changed:
+        details = ", ".join(f"{k}: cache {old!r} vs config {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise CacheMismatchError(f"latent cache {folder} was made from other data settings ({details}); delete it "
+                                 "or set latents.dir to a new folder")
+
+
+def _encode_moments(vae: AutoencoderKL, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    posterior = vae.apply({"params": params}, images, method="encode")
+    return posterior.mean, posterior.logvar
+
+
+class _ShardWriter:
+    """Collects rows and writes them as ``<process>-<shard>.<field>.npy`` files of ``shard_size`` rows."""
+
+    def __init__(self, folder: str, process: int, shard_size: int):
+        self.folder, self.process, self.shard_size = folder, process, shard_size
+        self.rows: dict[str, list[np.ndarray]] = {}
+        self.pending = self.shards = 0
+
+    def add(self, rows: Mapping[str, np.ndarray]) -> None:
+        for name, value in rows.items():
+            self.rows.setdefault(name, []).append(value)
+        self.pending += len(next(iter(rows.values())))
+        while self.pending >= self.shard_size:
+            self._write(self.shard_size)
+
+    def close(self) -> None:
+        if self.pending:
+            self._write(self.pending)
+
+    def _write(self, count: int) -> None:
+        stem = os.path.join(self.folder, f"{self.process:05d}-{self.shards:05d}")
+        for name, parts in self.rows.items():
+            merged = np.concatenate(parts)
+            np.save(f"{stem}.{name}.npy", merged[:count])
+            self.rows[name] = [merged[count:]]
+        self.pending -= count
+        self.shards += 1
+
+
+def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: str,
+                 mesh: jax.sharding.Mesh) -> int:
+    """Encode this process's share of ``split`` into ``folder/split`` (jitted, batch sharded); returns its rows."""
+    data = dict(config["data"])
+    data["batch_size"] = config["latents"]["batch_size"] or data["batch_size"]
+    parallel.check_batch(data["batch_size"], mesh)
+    iterator = make_iterator(data, split, seed=config["seed"], num_epochs=1, shuffle=False)
+    per_host = data["batch_size"] // jax.process_count()
+    batches = int(np.max(multihost_utils.process_allgather(np.asarray(math.ceil(iterator.size / per_host)))))
+    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    encode = jax.jit(_encode_moments, static_argnums=0, in_shardings=(replicated, batch_sharding),
+                     out_shardings=batch_sharding)
+    params = jax.device_put(vae.params, replicated)
+    out = os.path.join(folder, split)
+    os.makedirs(out, exist_ok=True)
+    writer = _ShardWriter(out, jax.process_index(), config["latents"]["shard_size"])
+    image_shape = (data["image_size"], data["image_size"], vae.module.in_channels)
+    written = 0
+    for _ in range(batches):  # every process runs the same number of steps; spent ones feed padding
+        batch = next(iterator, None)
+        rows = 0 if batch is None else len(batch["image"])
+        images = np.zeros((per_host, *image_shape), np.float32)
+        if rows:
+            images[:rows] = batch["image"]
+        moments = encode(vae.module, params, jax.make_array_from_process_local_data(batch_sharding, images))
+        if rows:
+            local = [np.asarray(multihost_utils.global_array_to_host_local_array(
+                m, mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES)))[:rows] for m in moments]
+            fields = dict(zip(MOMENTS, local), caption=batch["caption"].astype(bytes), index=batch["index"])
+            if "input_ids" in batch:
+                fields["input_ids"] = batch["input_ids"].astype(np.int32)
+            writer.add(fields)
+            written += rows
+    writer.close()
+    iterator.close()
+    return written
+
+
+def _list_shards(folder: str, split: str) -> list[list]:
+    """[[stem, rows], ...] of a split's shards in (process, shard) order."""
+    stems = sorted(p[: -len(".mean.npy")] for p in glob.glob(os.path.join(folder, split, "*.mean.npy")))
+    return [[os.path.relpath(stem, folder), int(np.load(f"{stem}.mean.npy", mmap_mode="r").shape[0])]
+            for stem in stems]
+
+
+def build_cache(config: Mapping[str, Any], vae: FrozenVAE, folder: str, splits: list[str],
+                manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Encode ``splits`` into ``folder`` (adding them to ``manifest`` if given) and write the manifest last."""
+    mesh = parallel.make_mesh(config["mesh"])
+    manifest = manifest or {"format": FORMAT, "vae": vae.reference, "scale_factor": vae.scale_factor,
+                            "data": data_identity(config["data"]), "splits": {}}
+    for split in splits:
+        if jax.process_index() == 0:
+            shutil.rmtree(os.path.join(folder, split), ignore_errors=True)  # leftovers of an interrupted build
+        multihost_utils.sync_global_devices(f"latent cache: clear {split}")
+        rows = encode_split(config, vae, folder, split, mesh)
+        logging.info("latent cache: process %d wrote %d %s examples to %s", jax.process_index(), rows, split, folder)
+        multihost_utils.sync_global_devices(f"latent cache: encoded {split}")
+        shards = _list_shards(folder, split)
+        first = np.load(os.path.join(folder, f"{shards[0][0]}.mean.npy"), mmap_mode="r")
+        manifest["latent_shape"] = list(first.shape[1:])
+        manifest["splits"][split] = {"count": sum(n for _, n in shards), "shards": shards}
+    if jax.process_index() == 0:
+        temporary = os.path.join(folder, MANIFEST + ".tmp")
+        with open(temporary, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(temporary, os.path.join(folder, MANIFEST))
+    multihost_utils.sync_global_devices("latent cache: manifest")
+    return manifest
+
+
+def ensure_cache(config: Mapping[str, Any], vae: FrozenVAE, folder: str, splits: list[str]) -> dict[str, Any]:
+    """The manifest of ``folder`` after encoding whichever of ``splits`` it lacks.
+
+    Raises CacheMismatchError when the folder holds a cache of another VAE or of
+    other data settings.
+    """
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        check_manifest(manifest, vae, config["data"], folder)
+        missing = [s for s in splits if s not in manifest["splits"]]
+        if not missing:
+            logging.info("latent cache: using %s (%s)", folder, ", ".join(
+                f"{s}: {manifest['splits'][s]['count']} examples" for s in splits))
+            return manifest
+        return build_cache(config, vae, folder, missing, manifest)
+    os.makedirs(folder, exist_ok=True)
+    logging.info("latent cache: encoding %s into %s with the VAE %s", ", ".join(splits), folder,
+                 vae.reference["source"])
+    return build_cache(config, vae, folder, splits)
+
+
+class LatentIterator:
+    """Batches of this host's share of a cached split, in the (seed, host, step) order of the module docstring.
+
+    Each batch is {'mean', 'logvar': float32 [b, h, w, c], 'input_ids': int32 [b, L] (if cached),
+    'caption': bytes [b], 'index': int64 [b]} with ``b = batch_size // process_count``.
+    """
+
+    def __init__(self, folder: str, split: str, batch_size: int, seed: int, start_step: int = 0, *,
+                 process_index: int | None = None, process_count: int | None = None):
+        """Open ``folder``'s shards of ``split`` (memory-mapped) and start at batch ``start_step``."""
+        manifest = read_manifest(folder)
+        if manifest is None or split not in manifest["splits"]:
+            raise FileNotFoundError(f"no latent cache of split {split!r} in {folder} (no {MANIFEST} listing it)")
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        if batch_size % process_count:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} processes")
+        shards = manifest["splits"][split]["shards"]
+        fields = [os.path.basename(p).split(".")[-2] for p in glob.glob(os.path.join(folder, f"{shards[0][0]}.*.npy"))]
+        self.arrays = {f: [np.load(os.path.join(folder, f"{stem}.{f}.npy"), mmap_mode="r") for stem, _ in shards]
+                       for f in fields}
+        self.offsets = np.cumsum([0] + [n for _, n in shards])
+        self.start, stop = host_range(int(self.offsets[-1]), process_index, process_count)
+        self.size = stop - self.start
+        if self.size == 0:
+            raise ValueError(f"this host's share of the cached split {split!r} in {folder} is empty")
+        self.per_host, self.seed, self.process_index = batch_size // process_count, seed, process_index
+        self.position = start_step * self.per_host
+        self.manifest = manifest
+        self._epoch, self._perm = -1, None
+
+    def __iter__(self) -> "LatentIterator":
+        """The iterator itself (endless)."""
+        return self
+
+    def _example(self, position: int) -> int:
+        epoch = position // self.size
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, self.process_index, epoch]).permutation(self.size)
+            self._epoch = epoch
+        return self.start + int(self._perm[position % self.size])
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """The next batch."""
+        indices = np.asarray([self._example(p) for p in range(self.position, self.position + self.per_host)])
+        self.position += self.per_host
+        return self.gather(indices)
+
+    def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``indices`` (global, in manifest order) of every cached field."""
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        offset = indices - self.offsets[shard]
+        return {name: np.stack([parts[s][o] for s, o in zip(shard, offset)]) for name, parts in self.arrays.items()}
+
+
+def sample_latents(batch: Mapping[str, jax.Array], rng: jax.Array, scale_factor: float) -> jax.Array:
+    """``(mean + exp(logvar / 2) * eps) * scale_factor`` for a batch of cached moments (float32)."""
+    mean = batch["mean"].astype(jnp.float32)
+    std = jnp.exp(0.5 * batch["logvar"].astype(jnp.float32))
+    return (mean + std * jax.random.normal(rng, mean.shape, jnp.float32)) * scale_factor

@@ -1,0 +1,1 @@
+"""Evaluation of generated samples: an attribute checker for ldm_shapes images (``shapes_checker``)."""

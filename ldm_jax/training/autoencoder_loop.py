@@ -1,0 +1,169 @@
+"""Stage 1: train the AutoencoderKL (L1 + LPIPS + KL + PatchGAN) and save it with its latent scale factor.
+
+Checkpoints go to ``WORKDIR/autoencoder/checkpoints/<step>/`` with the items
+``params`` ({'vae', 'discriminator'}), ``state`` (step and optimizer states)
+and ``config`` ({'configs': {'vae': ...}, 'scale_factor': ..., 'eval': ...}).
+The scale factor is 1 / std of posterior samples of the first training
+batch under the VAE being saved (LDM's ``scale_by_std``), recomputed at every
+save. A run resumes from the latest checkpoint of its workdir.
+"""
+
+import functools
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from ldm_jax import parallel
+from ldm_jax.data.pipeline import make_iterator
+from ldm_jax.models.discriminator import NLayerDiscriminator
+from ldm_jax.models.lpips import LPIPS, params_from_torch
+from ldm_jax.models.vae import AutoencoderKL
+from ldm_jax.training import autoencoder_step as ae_step
+from ldm_jax.training import checkpoints
+from ldm_jax.training.autoencoder_losses import AutoencoderLossConfig, perceptual_weight
+from ldm_jax.training.metrics import MetricWriter
+from ldm_jax.training.state import make_optimizer
+
+LPIPS_FILES = ("vgg16.safetensors", "lpips_vgg_heads.safetensors")
+
+
+def stage_dir(workdir: str) -> str:
+    """The folder of stage 1's checkpoints and metrics inside a run's workdir."""
+    return os.path.join(workdir, "autoencoder")
+
+
+def loss_config(config: Mapping[str, Any]) -> AutoencoderLossConfig:
+    """The static loss config (modules and weights) of a run config."""
+    ae = config["autoencoder"]
+    vae = AutoencoderKL.from_diffusers_config(dict(config["vae"]))
+    discriminator = NLayerDiscriminator(ndf=ae["disc_channels"], n_layers=ae["disc_layers"], norm=ae["disc_norm"])
+    return AutoencoderLossConfig(vae=vae, discriminator=discriminator, lpips=LPIPS(), kl_weight=ae["kl_weight"],
+                                 perceptual_weight=ae["perceptual_weight"], disc_weight=ae["disc_weight"],
+                                 disc_factor=ae["disc_factor"], disc_start=ae["disc_start"],
+                                 sample_posterior=ae["sample_posterior"])
+
+
+def load_lpips(folder: str) -> Any:
+    """LPIPS params from ``folder`` (LPIPS_FILES), or None for ''. FileNotFoundError naming a missing file."""
+    if not folder:
+        return None
+    paths = [os.path.join(folder, name) for name in LPIPS_FILES]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"autoencoder.lpips={folder!r} lacks {missing}: it needs torchvision's VGG16 state "
+                                f"dict and the lpips package's v0.1 vgg heads, as {LPIPS_FILES}")
+    return params_from_torch(*paths)
+
+
+def evaluate(config: Mapping[str, Any], loss_cfg: AutoencoderLossConfig, vae_params: Any,
+             mesh: jax.sharding.Mesh, step_fn: Any) -> dict[str, float]:
+    """Mean reconstruction PSNR and L1 over the first ``eval_examples`` of the test split (in index order)."""
+    data, wanted = config["data"], config["autoencoder"]["eval_examples"]
+    iterator = make_iterator(data, "test", seed=config["seed"], num_epochs=1, shuffle=False)
+    per_host = data["batch_size"] // jax.process_count()
+    totals, count = {}, 0
+    for batch in iterator:
+        rows = len(batch["image"])
+        images = np.zeros((per_host, *batch["image"].shape[1:]), np.float32)
+        images[:rows] = batch["image"]
+        out = step_fn(vae_params, parallel.shard_batch({"image": images}, mesh))
+        for name, values in out.items():
+            local = np.asarray(multihost_utils.global_array_to_host_local_array(
+                values, mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES)))[:rows]
+            totals[name] = totals.get(name, 0.0) + float(local.sum())
+        count += rows
+        if count >= wanted // jax.process_count():
+            break
+    iterator.close()
+    return {f"eval_{name}": value / max(count, 1) for name, value in totals.items()}
+
+
+def train_autoencoder(config: Mapping[str, Any], workdir: str) -> dict[str, float]:
+    """Train stage 1 to ``autoencoder.steps`` (resuming from the workdir); returns the final eval metrics."""
+    ae = config["autoencoder"]
+    folder = stage_dir(workdir)
+    mesh = parallel.make_mesh(config["mesh"])
+    parallel.check_batch(config["data"]["batch_size"], mesh)
+    loss_cfg = loss_config(config)
+    lpips_params = load_lpips(ae["lpips"])
+    if perceptual_weight(loss_cfg, {"lpips": lpips_params}) == 0.0:
+        logging.warning("stage 1: no LPIPS weights configured (autoencoder.lpips=''), so the perceptual loss is "
+                        "off; the autoencoder trains on L1 + KL + GAN only")
+    optimizers = {"vae": make_optimizer(ae["optimizer"], ae["steps"]),
+                  "discriminator": make_optimizer(ae["disc_optimizer"], ae["steps"])}
+    rng = jax.random.key(config["seed"])
+    image_shape = (config["image_size"], config["image_size"], loss_cfg.vae.in_channels)
+    init = functools.partial(ae_step.init_state, loss_cfg, optimizers, image_shape=image_shape)
+    state, shardings = parallel.sharded_init(init, mesh, jax.random.fold_in(rng, 0))
+
+    manager = checkpoints.checkpoint_manager(folder, keep=ae["keep"])
+    start = manager.latest_step() or 0
+    if start >= ae["steps"]:
+        logging.info("stage 1: %s already holds step %d of %d; nothing to train", folder, start, ae["steps"])
+        return checkpoints.read_config(manager, start)["eval"]
+    if start:
+        params, rest = checkpoints.restore_train_step(manager, start, _abstract(state.params, shardings.params),
+                                                      _abstract(_rest(state), _rest(shardings)))
+        state = state.replace(params=params, **rest)
+        logging.info("stage 1: resumed from step %d in %s", start, folder)
+
+    replicated = parallel.replicated(mesh)
+    batch_sharding = parallel.batch_sharding(mesh)
+    train = jax.jit(functools.partial(ae_step.train_step, loss_cfg, optimizers),
+                    in_shardings=(shardings, batch_sharding, replicated, replicated),
+                    out_shardings=(shardings, replicated), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(ae_step.eval_step, loss_cfg),
+                      in_shardings=(shardings.params["vae"], batch_sharding), out_shardings=batch_sharding)
+    std_fn = jax.jit(functools.partial(ae_step.latent_std, loss_cfg.vae), out_shardings=replicated)
+    first = make_iterator(config["data"], "train", seed=config["seed"])
+    first_images = parallel.shard_batch({"image": next(first)["image"]}, mesh)["image"]
+    first.close()
+    step_rng = jax.random.fold_in(rng, 1)
+    writer = MetricWriter(folder)
+
+    def save(step: int, eval_metrics: dict[str, float]) -> None:
+        scale = 1.0 / float(std_fn(state.params["vae"], first_images, jax.random.fold_in(rng, 2)))
+        configs = {"vae": loss_cfg.vae.diffusers_config(scaling_factor=scale,
+                                                        sample_size=config["image_size"])}
+        checkpoints.save_train_step(manager, step, state.params, _rest(state),
+                                    {"configs": configs, "scale_factor": scale, "eval": eval_metrics})
+        logging.info("stage 1: saved step %d (scale factor %.5f)", step, scale)
+
+    iterator = make_iterator(config["data"], "train", seed=config["seed"], start_step=start)
+    eval_metrics, started, timed_from = {}, time.time(), start
+    for step in range(start, ae["steps"]):
+        batch = parallel.shard_batch({"image": next(iterator)["image"]}, mesh)
+        state, metrics = train(state, batch, lpips_params, step_rng)
+        done = step + 1
+        if done % ae["log_every"] == 0 or done == ae["steps"]:
+            elapsed = time.time() - started
+            metrics = {**metrics, "steps_per_sec": (done - timed_from) / elapsed,
+                       "images_per_sec": (done - timed_from) * config["data"]["batch_size"] / elapsed}
+            writer.write(done, metrics, prefix="train/")
+        if (ae["eval_every"] and done % ae["eval_every"] == 0) or done == ae["steps"]:
+            eval_metrics = evaluate(config, loss_cfg, state.params["vae"], mesh, eval_fn)
+            writer.write(done, eval_metrics, prefix="test/")
+        if done % ae["checkpoint_every"] == 0 or done == ae["steps"]:
+            save(done, eval_metrics)
+        if done % ae["log_every"] == 0:
+            started, timed_from = time.time(), done  # time evals and saves apart from steps
+    iterator.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    return eval_metrics
+
+
+def _rest(state: Any) -> dict[str, Any]:
+    """The parts of a TrainState besides its params (saved as the ``state`` item)."""
+    return {"step": state.step, "opt_state": state.opt_state}
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    """``ShapeDtypeStruct``s of ``tree``'s arrays, placed on ``shardings``."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,116 @@
+"""Stage 2: the latent diffusion train step (a pure function; the loop jits it with shardings and donation).
+
+Per step, with ``rng_k = fold_in(rng, step)``: latents ``z0 = z * scale`` (drawn
+from cached posterior moments, or encoded on the fly from images by the
+frozen VAE), captions dropped to the empty prompt with probability
+``caption_dropout`` (so classifier-free guidance has an unconditional model),
+``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``z_t = add_noise(z0, eps, t)`` and the
+loss ``mean_b w_b * mean |model(z_t, t, text) - target|^2`` with the target
+eps, v or z0 per the schedule's prediction type and ``w_b`` 1 or the
+min-SNR-gamma weight (Hang et al. 2023).
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ldm_jax.data.latents import sample_latents
+from ldm_jax.diffusion import schedule as sched
+from ldm_jax.training.state import TrainState, ema_decay, ema_update, global_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTask:
+    """The static half of the diffusion step: modules and loss settings (hashable).
+
+    ``train_text_encoder`` puts the text encoder's params among the trained
+    ones (the LDM paper's choice) instead of the frozen ones (SD's).
+    ``min_snr_gamma`` 0 means unweighted MSE. ``vae`` is only used when
+    batches hold images rather than cached moments.
+    """
+    unet: nn.Module
+    text_encoder: nn.Module
+    vae: nn.Module | None
+    scheduler: tuple[tuple[str, Any], ...]
+    scale_factor: float
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 0.0
+    train_text_encoder: bool = False
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+
+    @property
+    def schedule(self) -> sched.NoiseSchedule:
+        """The training noise schedule (built inside the jitted step: constants of the program)."""
+        return sched.NoiseSchedule.from_config(dict(self.scheduler))
+
+
+def loss_weights(schedule: sched.NoiseSchedule, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma weights [B] expressed for the schedule's prediction type (1 when ``gamma`` is 0)."""
+    if gamma <= 0:
+        return jnp.ones(t.shape, jnp.float32)
+    snr = sched.snr(schedule, t)
+    clipped = jnp.minimum(snr, gamma)
+    if schedule.prediction_type == "epsilon":
+        return clipped / snr
+    if schedule.prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
+def clean_latents(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array],
+                  rng: jax.Array) -> jax.Array:
+    """Scaled latents ``z0``: a posterior sample of the cached moments, or of the VAE's encoding of the images."""
+    if "mean" in batch:
+        return sample_latents(batch, rng, task.scale_factor)
+    posterior = task.vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
+    return jax.lax.stop_gradient(posterior.sample(rng) * task.scale_factor)
+
+
+def diffusion_loss(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
+                   batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted denoising loss of one batch and its metrics (loss, mse, mean weight)."""
+    schedule = task.schedule
+    latent_rng, drop_rng, t_rng, noise_rng = jax.random.split(rng, 4)
+    z0 = clean_latents(task, frozen, batch, latent_rng)
+    ids = batch["input_ids"]
+    drop = jax.random.bernoulli(drop_rng, task.caption_dropout, (ids.shape[0],))
+    ids = jnp.where(drop[:, None], batch["empty_ids"], ids)
+    text_params = params["text_encoder"] if task.train_text_encoder else frozen["text_encoder"]
+    context = task.text_encoder.apply({"params": text_params}, ids)[0]
+    t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_train_timesteps)
+    noise = jax.random.normal(noise_rng, z0.shape, jnp.float32)
+    z_t = sched.add_noise(schedule, z0, noise, t)
+    prediction = task.unet.apply({"params": params["unet"]}, z_t, t, context)
+    target = sched.training_target(schedule, z0, noise, t)
+    mse = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=tuple(range(1, z0.ndim)))
+    weights = loss_weights(schedule, t, task.min_snr_gamma)
+    loss = jnp.mean(weights * mse)
+    return loss, {"loss": loss, "mse": jnp.mean(mse), "weight": jnp.mean(weights)}
+
+
+def train_step(task: DiffusionTask, optimizer: optax.GradientTransformation, state: TrainState,
+               batch: Mapping[str, jax.Array], frozen: Mapping[str, Any],
+               rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update of the trained params (U-Net, and text encoder if trained) plus the U-Net EMA.
+
+    ``batch`` holds 'input_ids', 'empty_ids' (the empty prompt's ids, [L] or
+    [B, L]) and either cached 'mean'/'logvar' or 'image'; ``frozen`` holds the
+    params of the frozen models. Returns the new state and float32 metrics
+    (loss, mse, weight, grad_norm).
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+    (_, metrics), grads = jax.value_and_grad(diffusion_loss, argnums=1, has_aux=True)(
+        task, state.params, frozen, batch, step_rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema:
+        decay = ema_decay(state.step, task.ema_decay, task.ema_warmup)
+        ema = {**ema, "unet": ema_update(ema["unet"], params["unet"], decay)}
+    metrics = {**metrics, "grad_norm": global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

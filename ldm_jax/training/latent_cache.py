@@ -1,0 +1,58 @@
+"""The frozen VAE of a run and its latent cache: find the VAE that ``vae_from`` names, build what is missing."""
+
+import os
+from typing import Any, Mapping
+
+import flax
+import jax
+
+from ldm_jax.data import latents
+from ldm_jax.models.vae import AutoencoderKL, scaling_factor
+from ldm_jax.pipeline import abstract_params
+from ldm_jax.training import checkpoints
+from ldm_jax.training.autoencoder_loop import stage_dir
+
+
+def cache_folder(config: Mapping[str, Any], workdir: str) -> str:
+    """``latents.dir``, or ``WORKDIR/latents`` when it is ''."""
+    return config["latents"]["dir"] or os.path.join(workdir, "latents")
+
+
+def _from_autoencoder_run(run: str) -> latents.FrozenVAE:
+    folder = stage_dir(run)
+    if not os.path.isdir(checkpoints.checkpoint_dir(folder)):
+        raise FileNotFoundError(f"no stage-1 checkpoint in {folder}: train the autoencoder first (add "
+                                "'autoencoder' to stages) or set vae_from to a trained VAE")
+    step = checkpoints.resolve_step(folder)
+    with checkpoints.checkpoint_manager(folder, keep=None, create=False) as manager:
+        config = checkpoints.read_config(manager, step)["configs"]["vae"]
+        module = AutoencoderKL.from_diffusers_config(config)
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                flax.linen.meta.unbox(abstract_params(module, "vae", config)))
+        params = checkpoints.restore_params(manager, step, {"vae": abstract},
+                                            checkpoints.params_metadata(manager, step))["vae"]
+    return latents.frozen_vae(module, params, scaling_factor(config), folder, step)
+
+
+def load_frozen_vae(config: Mapping[str, Any], workdir: str) -> latents.FrozenVAE:
+    """The VAE that ``vae_from`` names: '' = this workdir's stage 1; a stage-1 workdir; a pretrained pipeline.
+
+    A pretrained pipeline is a diffusers folder or a single-file SD
+    ``.safetensors``; its VAE config's scaling factor is used.
+    """
+    source = config["vae_from"]
+    if not source:
+        return _from_autoencoder_run(workdir)
+    if os.path.isdir(os.path.join(source, "autoencoder")):
+        return _from_autoencoder_run(source)
+    from ldm_jax.pipeline import Pipeline
+    pipeline = Pipeline.from_pretrained(source)
+    return latents.frozen_vae(pipeline.vae, pipeline.params["vae"], pipeline.scale_factor, source)
+
+
+def ensure_latents(config: Mapping[str, Any], workdir: str, splits: list[str] | None = None) -> dict[str, Any]:
+    """The manifest of the run's latent cache, building whatever is missing (``latents.splits`` by default)."""
+    splits = splits or [s.strip() for s in config["latents"]["splits"].split(",") if s.strip()]
+    vae = load_frozen_vae(config, workdir)
+    return latents.ensure_cache(config, vae, cache_folder(config, workdir), splits)

@@ -1,0 +1,72 @@
+"""Training metrics: the console, a ``metrics.jsonl`` file and TensorBoard event files (on process 0 only)."""
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def _scalar(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+class MetricWriter:
+    """Writes scalar metrics and image grids of one training stage under ``folder``.
+
+    ``folder/metrics.jsonl`` gets one JSON object per `write` call ({'step': ..., name: value});
+    ``folder/tensorboard`` gets the TensorBoard events. On processes other than 0
+    every call is a no-op.
+    """
+
+    def __init__(self, folder: str):
+        """Open (append to) the metric files under ``folder``."""
+        self.folder = folder
+        self.active = jax.process_index() == 0
+        self._summary = None
+        if self.active:
+            os.makedirs(folder, exist_ok=True)
+
+    def _writer(self):
+        if self._summary is None:
+            import tensorflow as tf  # the data pipeline imports it already; loaded lazily for the rest
+            self._summary = tf.summary.create_file_writer(os.path.join(self.folder, "tensorboard"))
+        return self._summary
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "") -> dict[str, float]:
+        """Log ``metrics`` (scalars, fetched to host here) at ``step``; returns them as floats."""
+        values = {f"{prefix}{name}": _scalar(value) for name, value in metrics.items()}
+        if not self.active:
+            return values
+        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(values.items())))
+        with open(os.path.join(self.folder, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        import tensorflow as tf
+        with self._writer().as_default(step=int(step)):
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
+        return values
+
+    def write_images(self, step: int, name: str, images: np.ndarray) -> None:
+        """Log uint8 images [N, H, W, 3] (e.g. one grid) to TensorBoard."""
+        if not self.active:
+            return
+        import tensorflow as tf
+        with self._writer().as_default(step=int(step)):
+            tf.summary.image(name, np.asarray(images), max_outputs=len(images))
+
+    def flush(self) -> None:
+        """Flush the TensorBoard events to disk."""
+        if self._summary is not None:
+            self._summary.flush()
+
+
+def read_metrics(folder: str) -> list[dict[str, float]]:
+    """The records of ``folder/metrics.jsonl`` in order ([] when absent)."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

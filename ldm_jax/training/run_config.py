@@ -1,0 +1,131 @@
+"""The run config of ``python -m ldm_jax.train``: its sections, their defaults and validation.
+
+Top-level keys::
+
+    workdir        where checkpoints, the latent cache, metrics and samples go (``--workdir`` overrides)
+    seed           seeds parameters, data order and per-step randomness
+    stages         comma-separated, run in this order: 'autoencoder' (stage 1), 'latents' (the latent cache),
+                   'diffusion' (stage 2, which builds the cache first when it is missing)
+    image_size     side of the square training images (must equal data.image_size)
+    unet, vae, text_encoder, scheduler   diffusers / transformers config dicts of the models
+    vae_from       the frozen VAE for the latent cache and stage 2: '' = this workdir's stage-1 checkpoint;
+                   else a stage-1 workdir, a diffusers folder (its vae/) or a single-file SD .safetensors
+    data           the data section (ldm_jax/data/config.py)
+    mesh           device mesh axis sizes (ldm_jax/parallel.py)
+    autoencoder    stage-1 training (AUTOENCODER_DEFAULTS below)
+    latents        the latent cache (LATENTS_DEFAULTS below)
+
+``run_config(...)`` fills in defaults and locks the dict, so a misspelt key,
+in a config file or on the command line, is an error.
+"""
+
+from typing import Any, Mapping
+
+import ml_collections
+
+from ldm_jax.data.config import data_config
+from ldm_jax.parallel import MESH_DEFAULTS
+from ldm_jax.training.state import OPTIMIZER_DEFAULTS
+
+STAGES = ("autoencoder", "latents", "diffusion")
+
+# Stage 1, as LDM's kl-f* autoencoders: Adam(0.5, 0.9) for both nets, KL 1e-6, GAN from disc_start.
+AUTOENCODER_DEFAULTS = dict(
+    steps=1000,
+    optimizer=dict(OPTIMIZER_DEFAULTS, learning_rate=4.5e-6, b1=0.5, b2=0.9),
+    disc_optimizer=dict(OPTIMIZER_DEFAULTS, learning_rate=4.5e-6, b1=0.5, b2=0.9),
+    kl_weight=1e-6,
+    perceptual_weight=1.0,
+    lpips="",               # folder with vgg16.safetensors + lpips_vgg_heads.safetensors; '' = no perceptual loss
+    disc_weight=0.5,
+    disc_factor=1.0,
+    disc_start=50001,
+    disc_channels=64,
+    disc_layers=3,
+    disc_norm="batch",
+    sample_posterior=True,
+    log_every=50,
+    eval_every=500,          # 0: only at the end
+    eval_examples=512,
+    checkpoint_every=500,
+    keep=3,
+)
+
+# The latent cache: posterior moments (mean, logvar) per example, with token ids and captions.
+LATENTS_DEFAULTS = dict(
+    dir="",                  # '' = WORKDIR/latents
+    splits="train",          # comma-separated splits to encode
+    batch_size=0,            # 0 = data.batch_size
+    shard_size=4096,         # examples per shard file
+)
+
+TOP_LEVEL = ("workdir", "seed", "stages", "image_size", "unet", "vae", "text_encoder", "scheduler", "vae_from",
+             "data", "mesh", "autoencoder", "latents")
+
+
+def _section(name: str, defaults: Mapping[str, Any], values: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise KeyError(f"unknown {name} config key(s) {unknown}; known keys: {sorted(defaults)}")
+    section = ml_collections.ConfigDict({**defaults})
+    for key, value in values.items():
+        if isinstance(defaults[key], dict):
+            section[key] = _section(f"{name}.{key}", defaults[key], value)
+        else:
+            section[key] = value
+    return section
+
+
+def run_config(*, unet: Mapping, vae: Mapping, text_encoder: Mapping, scheduler: Mapping, data: Mapping,
+               workdir: str, stages: str = "autoencoder,latents,diffusion", seed: int = 0,
+               image_size: int | None = None, vae_from: str = "", mesh: Mapping | None = None,
+               autoencoder: Mapping | None = None, latents: Mapping | None = None) -> ml_collections.ConfigDict:
+    """A locked, validated run config; every section not given gets its defaults."""
+    config = ml_collections.ConfigDict()
+    config.workdir = workdir
+    config.seed = seed
+    config.stages = stages
+    config.unet, config.vae, config.text_encoder, config.scheduler = (dict(unet), dict(vae), dict(text_encoder),
+                                                                      dict(scheduler))
+    config.data = data_config(data)
+    config.image_size = image_size or config.data.image_size
+    config.vae_from = vae_from
+    config.mesh = _section("mesh", MESH_DEFAULTS, mesh)
+    config.autoencoder = _section("autoencoder", AUTOENCODER_DEFAULTS, autoencoder)
+    config.latents = _section("latents", LATENTS_DEFAULTS, latents)
+    validate(config)
+    config.lock()
+    return config
+
+
+def stages(config: Mapping[str, Any]) -> list[str]:
+    """The stages to run, in order; ValueError naming an unknown one."""
+    names = [s.strip() for s in config["stages"].split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown} in stages={config['stages']!r}; stages are {list(STAGES)}")
+    return sorted(names, key=STAGES.index)
+
+
+def validate(config: Mapping[str, Any]) -> None:
+    """Check what can be checked before building anything; errors name the keys and values involved."""
+    unknown = sorted(set(config) - set(TOP_LEVEL))
+    if unknown:
+        raise KeyError(f"unknown config key(s) {unknown}; known keys: {sorted(TOP_LEVEL)}")
+    stages(config)
+    if config["image_size"] != config["data"]["image_size"]:
+        raise ValueError(f"image_size {config['image_size']} differs from data.image_size "
+                         f"{config['data']['image_size']}")
+    factor = 2 ** (len(config["vae"]["block_out_channels"]) - 1)
+    if config["image_size"] % factor:
+        raise ValueError(f"image_size {config['image_size']} is not divisible by the VAE's downsampling factor "
+                         f"{factor} (vae.block_out_channels has {len(config['vae']['block_out_channels'])} entries)")
+    latent = config["vae"].get("latent_channels", 4)
+    if config["unet"].get("in_channels", 4) != latent:
+        raise ValueError(f"unet.in_channels {config['unet'].get('in_channels', 4)} differs from "
+                         f"vae.latent_channels {latent}")
+    width = config["text_encoder"]["hidden_size"]
+    if config["unet"]["cross_attention_dim"] != width:
+        raise ValueError(f"unet.cross_attention_dim {config['unet']['cross_attention_dim']} differs from the text "
+                         f"encoder's width text_encoder.hidden_size {width}")
