@@ -1,6 +1,6 @@
 r"""The latent cache's worth: VAE encoding throughput, and the stage-2 step with cached latents vs encoding on the fly.
 
-Models are those of configs/vae.py (the base run's f=4 VAE, U-Net and text
+Models are those of configs/base.py (the base run's f=4 VAE, U-Net and text
 encoder at 64x64 images, 16x16x4 latents) with random weights, or SD 1.5's at
 512x512 with ``--config sd15`` (for an accelerator). In one process:
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import sd15
-from configs import vae as vae_config
+from configs import base as base_config
 from ldm_jax.models.clip import CLIPTextModel
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.models.vae import AutoencoderKL
@@ -40,7 +40,7 @@ from ldm_jax.training.diffusion_step import DiffusionTask, train_step
 from ldm_jax.training.state import TrainState, make_optimizer
 
 CONFIGS = {
-    "base": dict(size=64, vae=vae_config.VAE, unet=vae_config.UNET, text_encoder=vae_config.TEXT_ENCODER),
+    "base": dict(size=64, vae=base_config.VAE, unet=base_config.UNET, text_encoder=base_config.TEXT_ENCODER),
     "sd15": dict(size=512, vae=sd15.SD_VAE, unet=sd15.get_config().unet.to_dict(),
                  text_encoder=sd15.get_config().text_encoder.to_dict()),
 }
@@ -87,8 +87,9 @@ def main() -> None:
                "on the fly": {**common, "image": images}}
     states, times, compiles = {}, {name: [] for name in batches}, {}
     for name, batch in batches.items():
-        state = TrainState(step=jnp.zeros((), jnp.int32), params={"unet": params["unet"]},
-                           opt_state=optimizer.init({"unet": params["unet"]}), ema={"unet": params["unet"]})
+        unet = jax.tree.map(jnp.copy, params["unet"])  # each run donates its own buffers
+        state = TrainState(step=jnp.zeros((), jnp.int32), params={"unet": unet}, opt_state=optimizer.init({"unet": unet}),
+                           ema={"unet": jax.tree.map(jnp.copy, unet)})
         start = time.perf_counter()
         states[name], metrics = step(state, batch, frozen, jax.random.key(1))
         jax.block_until_ready(metrics)

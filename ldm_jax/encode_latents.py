@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.initialize_distributed()
     config = _CONFIG.value
-    manifest = ensure_latents(config, _WORKDIR.value or config.workdir)
+    manifest, _ = ensure_latents(config, _WORKDIR.value or config.workdir)
     logging.info("latent cache ready: %s", {s: v["count"] for s, v in manifest["splits"].items()})
 
 

@@ -11,7 +11,6 @@ Progress goes to stderr; the last line on stdout is the path written.
 """
 
 import contextlib
-import math
 import os
 import sys
 import time
@@ -22,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from absl import app, flags, logging
-from PIL import Image
 
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.diffusion.sampling import sample_fn
+from ldm_jax.images import make_grid
 from ldm_jax.models.clip import load_tokenizer, tokenize
 from ldm_jax.pipeline import Pipeline
 from ldm_jax.training import checkpoints
@@ -126,17 +125,6 @@ def generate(pipe: Pipeline, cond: np.ndarray, uncond: np.ndarray, height: int, 
         compiled = sample_fn.lower(*args, **settings).compile()
     with progress("sampling"):
         return np.asarray(jax.block_until_ready(compiled(*args)))
-
-
-def make_grid(images: np.ndarray) -> Image.Image:
-    """Images [N, H, W, 3] in [0, 1] tiled row by row into one RGB image, ceil(sqrt(N)) columns wide."""
-    n, height, width, _ = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    tiles = np.zeros((rows * cols, height, width, 3), np.uint8)
-    tiles[:n] = np.round(np.clip(images, 0.0, 1.0) * 255.0)
-    grid = tiles.reshape(rows, cols, height, width, 3).transpose(0, 2, 1, 3, 4).reshape(rows * height, cols * width, 3)
-    return Image.fromarray(grid)
 
 
 def run() -> str:

@@ -2,7 +2,8 @@ r"""The trainer: ``python -m ldm_jax.train --config configs/base.py [--config.ke
 
 Runs the config's ``stages`` in order: 'autoencoder' (stage 1,
 ``ldm_jax.training.autoencoder_loop``), 'latents' (the latent cache,
-``ldm_jax.training.latent_cache``) and 'diffusion' (stage 2). Every stage
+``ldm_jax.training.latent_cache``) and 'diffusion' (stage 2,
+``ldm_jax.training.diffusion_loop``). Every stage
 resumes from what its workdir already holds, so re-running the same command
 continues an interrupted run. Multi-host runs start JAX's distributed runtime
 first (see ``ldm_jax.parallel.initialize_distributed``).
@@ -15,6 +16,7 @@ from ml_collections import config_flags
 from ldm_jax import parallel
 from ldm_jax.training import run_config
 from ldm_jax.training.autoencoder_loop import train_autoencoder
+from ldm_jax.training.diffusion_loop import train_diffusion
 from ldm_jax.training.latent_cache import ensure_latents
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:variant]).",
@@ -32,7 +34,7 @@ def run(config, workdir: str) -> None:
         elif stage == "latents":
             ensure_latents(config, workdir)
         else:
-            raise NotImplementedError("stage 'diffusion' is not available yet")
+            train_diffusion(config, workdir)
 
 
 def main(argv: list[str]) -> None:

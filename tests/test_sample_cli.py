@@ -21,6 +21,7 @@ from absl import logging as absl_logging
 from PIL import Image
 
 from ldm_jax import Pipeline, sample
+from ldm_jax import images as images_lib
 from ldm_jax.training import checkpoints
 from ldm_jax.weights import WeightsMismatchError
 from tests.refs import pipeline as pipeline_refs
@@ -103,7 +104,7 @@ def test_checkpoint_errors(pipe, workdir, tmp_path):
 
 def test_make_grid_tiles_rows_and_pads():
     images = np.stack([np.full((2, 3, 3), v) for v in (0.0, 0.5, 1.0)])
-    grid = np.asarray(sample.make_grid(images))
+    grid = np.asarray(images_lib.make_grid(images))
     assert grid.shape == (4, 6, 3)
     assert (grid[:2, :3] == 0).all() and (grid[:2, 3:] == 128).all() and (grid[2:, :3] == 255).all()
     assert (grid[2:, 3:] == 0).all()

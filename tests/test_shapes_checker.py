@@ -78,6 +78,8 @@ def test_accuracy_counts_each_attribute_and_all():
     assert accuracy(predictions, targets) == dict(colour=0.5, shape=0.75, size=0.75, position=0.75, all=0.25)
     with pytest.raises(ValueError):
         accuracy(predictions, targets[:3])
+    with pytest.raises(ValueError):
+        accuracy([], [])
 
 
 def test_dtypes_and_sizes_agree(images):

@@ -35,7 +35,7 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import flax
 import jax

@@ -36,12 +36,13 @@ def _from_autoencoder_run(run: str) -> latents.FrozenVAE:
 
 
 def load_frozen_vae(config: Mapping[str, Any], workdir: str) -> latents.FrozenVAE:
-    """The VAE that ``vae_from`` names: '' = this workdir's stage 1; a stage-1 workdir; a pretrained pipeline.
+    """The VAE that ``vae_from`` names: a stage-1 workdir or a pretrained pipeline; '' = ``init_from``'s VAE,
+    or this workdir's stage 1 when that is '' too.
 
     A pretrained pipeline is a diffusers folder or a single-file SD
     ``.safetensors``; its VAE config's scaling factor is used.
     """
-    source = config["vae_from"]
+    source = config["vae_from"] or config["init_from"]
     if not source:
         return _from_autoencoder_run(workdir)
     if os.path.isdir(os.path.join(source, "autoencoder")):
@@ -51,8 +52,10 @@ def load_frozen_vae(config: Mapping[str, Any], workdir: str) -> latents.FrozenVA
     return latents.frozen_vae(pipeline.vae, pipeline.params["vae"], pipeline.scale_factor, source)
 
 
-def ensure_latents(config: Mapping[str, Any], workdir: str, splits: list[str] | None = None) -> dict[str, Any]:
-    """The manifest of the run's latent cache, building whatever is missing (``latents.splits`` by default)."""
+def ensure_latents(config: Mapping[str, Any], workdir: str,
+                   splits: list[str] | None = None) -> tuple[dict[str, Any], latents.FrozenVAE]:
+    """The manifest of the run's latent cache, after building whatever is missing (``latents.splits`` by
+    default), and the frozen VAE it belongs to."""
     splits = splits or [s.strip() for s in config["latents"]["splits"].split(",") if s.strip()]
     vae = load_frozen_vae(config, workdir)
-    return latents.ensure_cache(config, vae, cache_folder(config, workdir), splits)
+    return latents.ensure_cache(config, vae, cache_folder(config, workdir), splits), vae

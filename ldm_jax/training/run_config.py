@@ -8,12 +8,15 @@ Top-level keys::
                    'diffusion' (stage 2, which builds the cache first when it is missing)
     image_size     side of the square training images (must equal data.image_size)
     unet, vae, text_encoder, scheduler   diffusers / transformers config dicts of the models
-    vae_from       the frozen VAE for the latent cache and stage 2: '' = this workdir's stage-1 checkpoint;
-                   else a stage-1 workdir, a diffusers folder (its vae/) or a single-file SD .safetensors
+    vae_from       the frozen VAE for the latent cache and stage 2: '' = this workdir's stage-1 checkpoint
+                   (or init_from's VAE); else a stage-1 workdir, a diffusers folder or a single-file SD .safetensors
+    init_from      fine-tune a pretrained pipeline (diffusers folder or single-file SD .safetensors): its
+                   U-Net, text encoder, VAE, scale factor and tokenizer replace the config's models
     data           the data section (ldm_jax/data/config.py)
     mesh           device mesh axis sizes (ldm_jax/parallel.py)
     autoencoder    stage-1 training (AUTOENCODER_DEFAULTS below)
     latents        the latent cache (LATENTS_DEFAULTS below)
+    diffusion      stage-2 training (DIFFUSION_DEFAULTS below)
 
 ``run_config(...)`` fills in defaults and locks the dict, so a misspelt key,
 in a config file or on the command line, is an error.
@@ -59,8 +62,28 @@ LATENTS_DEFAULTS = dict(
     shard_size=4096,         # examples per shard file
 )
 
+# Stage 2. Batch size, image size and tokenizer come from ``data``.
+DIFFUSION_DEFAULTS = dict(
+    steps=1000,
+    optimizer=dict(OPTIMIZER_DEFAULTS, learning_rate=1e-4, weight_decay=0.01, grad_clip=1.0, warmup_steps=100),
+    caption_dropout=0.1,     # fraction of captions replaced by the empty prompt (for classifier-free guidance)
+    min_snr_gamma=0.0,       # 0: plain MSE; e.g. 5.0: min-SNR-gamma weighting
+    train_text_encoder=False,  # True: train it jointly (LDM); False: frozen (Stable Diffusion)
+    ema_decay=0.9999,        # 0: no EMA
+    ema_warmup=True,         # decay min(ema_decay, (1 + step) / (10 + step))
+    dtype="float32",         # compute dtype ('bfloat16' on accelerators); params stay float32
+    log_every=50,
+    checkpoint_every=500,
+    keep=3,
+    sample_every=500,        # 0: only at the end
+    sample_prompts=("",),    # ('',) = the first 8 test-split captions for the built-in data
+    sample_steps=25,
+    sample_sampler="ddim",
+    guidance_scale=4.0,
+)
+
 TOP_LEVEL = ("workdir", "seed", "stages", "image_size", "unet", "vae", "text_encoder", "scheduler", "vae_from",
-             "data", "mesh", "autoencoder", "latents")
+             "init_from", "data", "mesh", "autoencoder", "latents", "diffusion")
 
 
 def _section(name: str, defaults: Mapping[str, Any], values: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
@@ -72,6 +95,8 @@ def _section(name: str, defaults: Mapping[str, Any], values: Mapping[str, Any] |
     for key, value in values.items():
         if isinstance(defaults[key], dict):
             section[key] = _section(f"{name}.{key}", defaults[key], value)
+        elif isinstance(defaults[key], tuple):
+            section[key] = tuple(value)
         else:
             section[key] = value
     return section
@@ -79,8 +104,9 @@ def _section(name: str, defaults: Mapping[str, Any], values: Mapping[str, Any] |
 
 def run_config(*, unet: Mapping, vae: Mapping, text_encoder: Mapping, scheduler: Mapping, data: Mapping,
                workdir: str, stages: str = "autoencoder,latents,diffusion", seed: int = 0,
-               image_size: int | None = None, vae_from: str = "", mesh: Mapping | None = None,
-               autoencoder: Mapping | None = None, latents: Mapping | None = None) -> ml_collections.ConfigDict:
+               image_size: int | None = None, vae_from: str = "", init_from: str = "", mesh: Mapping | None = None,
+               autoencoder: Mapping | None = None, latents: Mapping | None = None,
+               diffusion: Mapping | None = None) -> ml_collections.ConfigDict:
     """A locked, validated run config; every section not given gets its defaults."""
     config = ml_collections.ConfigDict()
     config.workdir = workdir
@@ -91,9 +117,11 @@ def run_config(*, unet: Mapping, vae: Mapping, text_encoder: Mapping, scheduler:
     config.data = data_config(data)
     config.image_size = image_size or config.data.image_size
     config.vae_from = vae_from
+    config.init_from = init_from
     config.mesh = _section("mesh", MESH_DEFAULTS, mesh)
     config.autoencoder = _section("autoencoder", AUTOENCODER_DEFAULTS, autoencoder)
     config.latents = _section("latents", LATENTS_DEFAULTS, latents)
+    config.diffusion = _section("diffusion", DIFFUSION_DEFAULTS, diffusion)
     validate(config)
     config.lock()
     return config
@@ -125,6 +153,12 @@ def validate(config: Mapping[str, Any]) -> None:
     if config["unet"].get("in_channels", 4) != latent:
         raise ValueError(f"unet.in_channels {config['unet'].get('in_channels', 4)} differs from "
                          f"vae.latent_channels {latent}")
+    positions = config["text_encoder"]["max_position_embeddings"]
+    if config["data"]["max_length"] > positions:
+        raise ValueError(f"data.max_length {config['data']['max_length']} exceeds the text encoder's "
+                         f"text_encoder.max_position_embeddings {positions}")
+    if config["diffusion"]["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"diffusion.dtype must be float32, bfloat16 or float16, got {config['diffusion']['dtype']!r}")
     width = config["text_encoder"]["hidden_size"]
     if config["unet"]["cross_attention_dim"] != width:
         raise ValueError(f"unet.cross_attention_dim {config['unet']['cross_attention_dim']} differs from the text "

@@ -1,0 +1,69 @@
+r"""The CPU demo: a text-to-image latent diffusion model trained from nothing on the built-in ldm_shapes data.
+
+    python -m ldm_jax.train --config configs/base.py [--workdir runs/base]
+
+Stages, each resumed if the workdir already has it: (1) an f=4 AutoencoderKL
+(64x64x3 images -> 16x16x4 latents; L1 + KL, then the PatchGAN), (2) the latent
+cache of the 20k training images, (3) a text-conditioned U-Net with a jointly
+trained 2-layer text encoder (as in the LDM paper), EMA, sample grids of
+held-out prompts. Then score prompt following:
+
+    python -m ldm_jax.evaluate --checkpoint runs/base
+
+Cost on a 2-core CPU: see README "Results". ``configs/base.py:quick`` runs every
+stage for a few steps on the 512-example build (a smoke test, about 3 minutes).
+"""
+
+import ml_collections
+
+from configs import sd15
+from ldm_jax.training.run_config import run_config
+
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1, norm_num_groups=8, act_fn="silu", sample_size=64,
+)
+# The diffusion models that this VAE's latents are meant for (configs/base.py trains them).
+UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(64, 128, 128), layers_per_block=1, attention_head_dim=4,
+    cross_attention_dim=128, norm_num_groups=16, norm_eps=1e-5, use_linear_projection=True,
+)
+TEXT_ENCODER = dict(
+    vocab_size=589, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=16, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=128,
+    bos_token_id=587, eos_token_id=588, pad_token_id=588,
+)
+# L1 + KL for 400 steps, then the PatchGAN joins for the last 200 (about 12 minutes on 2 CPU cores).
+AUTOENCODER = dict(
+    steps=600, optimizer=dict(learning_rate=1e-3, b1=0.5, b2=0.9, warmup_steps=50),
+    disc_optimizer=dict(learning_rate=1e-3, b1=0.5, b2=0.9), disc_start=401, disc_weight=0.5,
+    disc_channels=32, log_every=50, eval_every=200, eval_examples=1000, checkpoint_every=200,
+)
+
+
+DIFFUSION = dict(
+    steps=3000, optimizer=dict(learning_rate=1e-3, weight_decay=0.01, grad_clip=1.0, warmup_steps=100,
+                               schedule="cosine", end_factor=0.1),
+    caption_dropout=0.1, train_text_encoder=True, ema_decay=0.999, log_every=100, checkpoint_every=1000,
+    sample_every=1000, sample_steps=25, guidance_scale=4.0,
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The base run; ``arg='quick'`` shrinks every stage to a few steps on the 512-example build."""
+    autoencoder, diffusion = dict(AUTOENCODER), dict(DIFFUSION)
+    data = dict(source="shapes", batch_size=16, max_length=16)
+    workdir = "runs/base"
+    if arg == "quick":
+        autoencoder.update(steps=4, disc_start=2, log_every=2, eval_every=0, eval_examples=32, checkpoint_every=2)
+        diffusion.update(steps=4, log_every=2, checkpoint_every=2, sample_every=0, sample_steps=2)
+        data.update(name="ldm_shapes/tiny", batch_size=8)
+        workdir = "runs/base_quick"
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of configs/base.py; the variant is 'quick'")
+    return run_config(unet=UNET, vae=VAE, text_encoder=TEXT_ENCODER, scheduler=sd15.SD_SCHEDULER, data=data,
+                      workdir=workdir, autoencoder=autoencoder, diffusion=diffusion)
