@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Iterator, Mapping
@@ -206,9 +207,17 @@ def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def _tokenize_fn(tokenizer: Any, max_length: int) -> Callable[[dict], dict]:
-    """A batch map adding ``input_ids`` (int32 [b, max_length]) for the batch's captions."""
+    """A batch map adding ``input_ids`` (int32 [b, max_length]) for the batch's captions.
+
+    tf.data may run the map on several threads; a lock serializes the calls,
+    because a transformers tokenizer switches its padding and truncation
+    settings per call and is not safe to share between threads.
+    """
+    lock = threading.Lock()
+
     def ids(captions: np.ndarray) -> np.ndarray:
-        return tokenize(tokenizer, [c.decode("utf-8") for c in captions], max_length)
+        with lock:
+            return tokenize(tokenizer, [c.decode("utf-8") for c in captions], max_length)
 
     def add_ids(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         input_ids = tf.numpy_function(ids, [batch["caption"]], tf.int32, stateful=False)
