@@ -71,15 +71,19 @@ def clean_latents(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping
     return jax.lax.stop_gradient(posterior.sample(rng) * task.scale_factor)
 
 
+def drop_captions(ids: jax.Array, empty_ids: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """``ids`` [B, L] with each row replaced by ``empty_ids`` ([L] or [B, L]) with probability ``rate``."""
+    drop = jax.random.bernoulli(rng, rate, (ids.shape[0],))
+    return jnp.where(drop[:, None], empty_ids, ids)
+
+
 def diffusion_loss(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
                    batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted denoising loss of one batch and its metrics (loss, mse, mean weight)."""
     schedule = task.schedule
     latent_rng, drop_rng, t_rng, noise_rng = jax.random.split(rng, 4)
     z0 = clean_latents(task, frozen, batch, latent_rng)
-    ids = batch["input_ids"]
-    drop = jax.random.bernoulli(drop_rng, task.caption_dropout, (ids.shape[0],))
-    ids = jnp.where(drop[:, None], batch["empty_ids"], ids)
+    ids = drop_captions(batch["input_ids"], batch["empty_ids"], task.caption_dropout, drop_rng)
     text_params = params["text_encoder"] if task.train_text_encoder else frozen["text_encoder"]
     context = task.text_encoder.apply({"params": text_params}, ids)[0]
     t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_train_timesteps)

@@ -1,0 +1,102 @@
+r"""Prompt following of a model trained on the built-in ldm_shapes data, scored from the images alone.
+
+    python -m ldm_jax.evaluate --checkpoint WORKDIR [--step N] [--count 200] [--guidance 4.0] [--steps 25]
+
+Generates one image for each of the first ``--count`` test-split captions
+(half of them name colour-shape pairs that never occur in training), reads
+colour, shape, size and position back with
+``ldm_jax.evaluation.shapes_checker`` and reports the fraction right per
+attribute, for all prompts and for the held-out pairs alone. As a floor it
+scores unconditional samples (guidance 1.0, empty prompts, same seeds)
+against the same captions, and as a ceiling the checker on the real test
+images. Prints a table and writes ``WORKDIR/eval_step_<step>.json``.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from ldm_jax.data import shapes
+from ldm_jax.diffusion.sampling import sample_fn
+from ldm_jax.evaluation import shapes_checker
+from ldm_jax.models.clip import tokenize
+from ldm_jax.training import checkpoints
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (its checkpoints/ and tokenizer/).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_COUNT = flags.DEFINE_integer("count", 200, "Test-split prompts to score.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 50, "Images per sampling call.", lower_bound=1)
+_GUIDANCE = flags.DEFINE_float("guidance", 4.0, "Classifier-free guidance scale.")
+_STEPS = flags.DEFINE_integer("steps", 25, "Sampler steps.", lower_bound=1)
+_SAMPLER = flags.DEFINE_string("sampler", "ddim", "Sampler.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the starting noise.")
+_EMA = flags.DEFINE_bool("ema", True, "Use the EMA U-Net params when the checkpoint has them.")
+
+
+def generate(pipe, prompts: list[str], guidance: float, seed: int, batch: int) -> np.ndarray:
+    """uint8 images [N, S, S, 3] for ``prompts`` (empty prompts as the negative ones); image ``i`` from seed (seed, i)."""
+    size = pipe.configs["vae"].get("sample_size", shapes.IMAGE_SIZE)
+    max_length = pipe.configs["text_encoder"]["max_position_embeddings"]
+    models, images = pipe.models, []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        cond = tokenize(pipe.tokenizer, chunk + [""] * (batch - len(chunk)), max_length)
+        uncond = tokenize(pipe.tokenizer, [""] * batch, max_length)
+        rng = jax.random.fold_in(jax.random.key(seed), start)
+        out = sample_fn(pipe.params, cond, uncond, rng, models=models, sampler=_SAMPLER.value, steps=_STEPS.value,
+                        guidance_scale=guidance, height=size, width=size)
+        images.append(np.round(np.asarray(out)[:len(chunk)] * 255.0).astype(np.uint8))
+    return np.concatenate(images)
+
+
+def score(images: np.ndarray, targets: list[dict]) -> dict[str, dict[str, float]]:
+    """Accuracy per attribute on all images and on the held-out colour-shape pairs."""
+    predictions = shapes_checker.classify_batch(images)
+    held = [i for i, t in enumerate(targets) if t["held_out"]]
+    return {"all": shapes_checker.accuracy(predictions, targets),
+            "held_out": shapes_checker.accuracy([predictions[i] for i in held], [targets[i] for i in held])}
+
+
+def evaluate(workdir: str, step: int | None = None) -> dict:
+    """Generate, score and return the report (see the module docstring)."""
+    step = checkpoints.resolve_step(workdir, step)
+    pipe = checkpoints.load_pipeline(workdir, step, use_ema=_EMA.value)
+    examples = [shapes.example("test", i) for i in range(_COUNT.value)]
+    targets = [{k: e[k] for k in (*shapes_checker.ATTRIBUTES, "held_out")} for e in examples]
+    prompts = [e["caption"] for e in examples]
+    conditional = generate(pipe, prompts, _GUIDANCE.value, _SEED.value, _BATCH.value)
+    unconditional = generate(pipe, [""] * len(prompts), 1.0, _SEED.value, _BATCH.value)
+    real = np.stack([e["image"] for e in examples])
+    return {"step": step, "count": len(prompts), "guidance": _GUIDANCE.value, "steps": _STEPS.value,
+            "sampler": _SAMPLER.value, "conditional": score(conditional, targets),
+            "unconditional": score(unconditional, targets), "real_images": score(real, targets)}
+
+
+def print_table(report: dict) -> None:
+    """The report as a table: rows are the image sets, columns the attributes."""
+    columns = (*shapes_checker.ATTRIBUTES, "all")
+    print(f"{'images (step ' + str(report['step']) + ')':34s}" + "".join(f"{c:>10s}" for c in columns))
+    for name in ("conditional", "unconditional", "real_images"):
+        for subset in ("all", "held_out"):
+            row = report[name][subset]
+            print(f"{name + ' / ' + subset:34s}" + "".join(f"{100 * row[c]:9.1f}%" for c in columns))
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of ``python -m ldm_jax.evaluate``."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report = evaluate(_CHECKPOINT.value, _STEP.value)
+    print_table(report)
+    path = os.path.join(_CHECKPOINT.value, f"eval_step_{report['step']}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    logging.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("checkpoint")
+    app.run(main)

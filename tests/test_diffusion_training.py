@@ -1,0 +1,128 @@
+"""Stage 2: the loss against diffusers' training recipe, and the whole chain (stage 1 -> cache -> stage 2) on tiny."""
+
+import os
+import shutil
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from configs import sd15
+from ldm_jax.data import shapes
+from ldm_jax.diffusion.sampling import sample_fn
+from ldm_jax.models.clip import CLIPTextModel
+from ldm_jax.models.unet import UNet2DConditionModel
+from ldm_jax.pipeline import init_inputs
+from ldm_jax.train import run
+from ldm_jax.training import checkpoints
+from ldm_jax.training.diffusion_step import DiffusionTask, diffusion_loss, drop_captions
+from ldm_jax.training.metrics import read_metrics
+from tests.test_autoencoder_training import _config
+
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                 layers_per_block=1, attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8)
+TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=16, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+@pytest.mark.parametrize("prediction_type,gamma", [("epsilon", 0.0), ("epsilon", 5.0), ("v_prediction", 5.0)])
+def test_loss_matches_the_diffusers_training_recipe(prediction_type, gamma):
+    """Noised latents, targets and min-SNR weights from diffusers' DDPMScheduler (train_text_to_image.py's recipe)."""
+    scheduler_config = {**sd15.SD_SCHEDULER, "prediction_type": prediction_type}
+    unet, text = UNet2DConditionModel.from_diffusers_config(TINY_UNET), CLIPTextModel.from_transformers_config(TINY_TEXT)
+    params = {"unet": unet.init(jax.random.key(0), *init_inputs("unet", TINY_UNET))["params"]}
+    frozen = {"text_encoder": text.init(jax.random.key(1), *init_inputs("text_encoder", TINY_TEXT))["params"]}
+    task = DiffusionTask(unet=unet, text_encoder=text, vae=None, scheduler=tuple(sorted(scheduler_config.items())),
+                         scale_factor=0.5, caption_dropout=0.0, min_snr_gamma=gamma)
+    rng = np.random.default_rng(0)
+    batch = {"mean": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
+             "logvar": rng.normal(-3, 1, size=(4, 8, 8, 4)).astype(np.float32),
+             "input_ids": rng.integers(3, 1000, (4, 16)).astype(np.int32), "empty_ids": np.zeros((16,), np.int32)}
+    key = jax.random.key(7)
+    loss, _ = diffusion_loss(task, params, frozen, batch, key)
+
+    # The same draws, then everything else from diffusers / torch.
+    latent_rng, _, t_rng, noise_rng = jax.random.split(key, 4)
+    eps_z = np.asarray(jax.random.normal(latent_rng, batch["mean"].shape))
+    z0 = (batch["mean"] + np.exp(0.5 * batch["logvar"]) * eps_z) * 0.5
+    t = np.asarray(jax.random.randint(t_rng, (4,), 0, 1000))
+    noise = np.asarray(jax.random.normal(noise_rng, z0.shape))
+    ddpm = diffusers.DDPMScheduler.from_config(scheduler_config)
+    z0_t, noise_t, t_t = (torch.from_numpy(np.array(a)) for a in (z0, noise, t))
+    t_t = t_t.long()
+    noisy = ddpm.add_noise(z0_t, noise_t, t_t).numpy()
+    target = (noise_t if prediction_type == "epsilon" else ddpm.get_velocity(z0_t, noise_t, t_t)).numpy()
+    context = text.apply({"params": frozen["text_encoder"]}, batch["input_ids"])[0]
+    prediction = np.asarray(unet.apply({"params": params["unet"]}, jnp.asarray(noisy), jnp.asarray(t), context))
+    mse = ((prediction - target) ** 2).mean(axis=(1, 2, 3))
+    alphas = ddpm.alphas_cumprod.numpy()[t].astype(np.float64)
+    snr = alphas / (1 - alphas)
+    if gamma:  # diffusers' train_text_to_image.py: min(snr, gamma) / snr, or / (snr + 1) for v-prediction
+        weights = np.minimum(snr, gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    else:
+        weights = np.ones(4)
+    np.testing.assert_allclose(float(loss), (weights * mse).mean(), rtol=2e-5)
+
+
+def test_caption_dropout_replaces_that_fraction_with_the_empty_prompt():
+    ids = np.arange(20000 * 4, dtype=np.int32).reshape(20000, 4) + 10
+    empty = np.asarray([0, 1, 1, 1], np.int32)
+    out = np.asarray(drop_captions(ids, empty, 0.1, jax.random.key(0)))
+    dropped = (out == empty).all(axis=1)
+    np.testing.assert_array_equal(out[~dropped], ids[~dropped])
+    assert abs(dropped.mean() - 0.1) < 0.006  # 20000 draws: std 0.002
+    assert not np.asarray(drop_captions(ids, empty, 0.0, jax.random.key(0)) == empty).all(axis=1).any()
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The whole chain on tiny models: stage 1 (2 steps), the cache, stage 2 (4 steps, checkpoints at 2 and 4)."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    shapes.prepare(data_dir, "tiny")
+    config = _config(data_dir, stages="autoencoder,latents,diffusion", autoencoder=dict(steps=2),
+                     diffusion=_DIFFUSION)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    run(config, workdir)
+    return config, workdir, data_dir
+
+
+_DIFFUSION = dict(steps=4, log_every=1, checkpoint_every=2, sample_every=0, sample_steps=2, train_text_encoder=True,
+                  ema_decay=0.99, optimizer=dict(learning_rate=1e-3, warmup_steps=1))
+
+
+def test_chain_trains_checkpoints_and_samples(chain):
+    config, workdir, _ = chain
+    assert checkpoints.available_steps(workdir) == [2, 4]
+    losses = [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    grid = Image.open(os.path.join(workdir, "samples", "step_000004.png"))
+    assert grid.size == (3 * 32, 3 * 32)  # 8 prompts: a 3 x 3 grid of 32 px images
+    pipe = checkpoints.load_pipeline(workdir)
+    raw = checkpoints.load_pipeline(workdir, use_ema=False)
+    assert pipe.scale_factor == raw.scale_factor != 1.0  # the stage-1 estimate, not the config's 1.0
+    differs = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(pipe.params["unet"]),
+                                                     jax.tree.leaves(raw.params["unet"]))]
+    assert any(differs)  # EMA params are saved beside the raw ones and preferred
+    ids = np.asarray(pipe.tokenizer(["a small red circle at the top left"], padding="max_length",
+                                    max_length=16)["input_ids"], np.int32)
+    images = sample_fn(pipe.params, ids, ids, jax.random.key(0), models=pipe.models, steps=2, height=32, width=32)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(np.asarray(images)).all()
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted(chain, tmp_path):
+    config, workdir, data_dir = chain
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))  # as if stopped right after step 2
+    run(_config(data_dir, stages="diffusion", diffusion=_DIFFUSION), resumed)
+    a = checkpoints.load_pipeline(workdir, 4, use_ema=False).params
+    b = checkpoints.load_pipeline(resumed, 4, use_ema=False).params
+    for name in ("unet", "text_encoder"):
+        for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
+            np.testing.assert_array_equal(x, y)
