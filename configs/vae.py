@@ -6,7 +6,7 @@ Writes ``WORKDIR/autoencoder/checkpoints/<step>`` (VAE + discriminator +
 optimizer states, the latent scale factor, test PSNR) and metrics
 (``metrics.jsonl``, TensorBoard). The settings are configs/base.py's stage 1
 (L1 + KL, then the PatchGAN from ``disc_start``); cost and PSNR on a 2-core
-CPU: see README "Results". Perceptual loss: set ``--config.autoencoder.lpips=DIR``
+CPU: see README "Results" (configs/base.py's own stage 1 stops before the GAN, for time). Perceptual loss: set ``--config.autoencoder.lpips=DIR``
 (VGG16 + lpips heads as safetensors, see ldm_jax/training/autoencoder_loop.py);
 without it the loss is L1 + KL + GAN, and the log says so.
 Variant ``configs/vae.py:quick``: a few steps, for smoke tests.
@@ -19,7 +19,7 @@ from configs import base
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """configs/base.py (or its ``quick`` variant) with only the autoencoder stage, in its own workdir."""
-    config = base.get_config(arg)
+    config = base.get_config(arg, autoencoder=base.AUTOENCODER)
     with config.unlocked():
         config.stages = "autoencoder"
         config.workdir = "runs/vae_quick" if arg == "quick" else "runs/vae"

@@ -121,7 +121,7 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
     """Train stage 2 to ``diffusion.steps`` (resuming from the workdir); returns the last logged metrics."""
     d = config["diffusion"]
     mesh = parallel.make_mesh(config["mesh"])
-    batch_size = config["data"]["batch_size"]
+    batch_size = d["batch_size"] or config["data"]["batch_size"]
     parallel.check_batch(batch_size, mesh)
     stage, manifest = setup(config, workdir)
     optimizer = make_optimizer(d["optimizer"], d["steps"])

@@ -62,9 +62,10 @@ LATENTS_DEFAULTS = dict(
     shard_size=4096,         # examples per shard file
 )
 
-# Stage 2. Batch size, image size and tokenizer come from ``data``.
+# Stage 2. Image size and tokenizer come from ``data``.
 DIFFUSION_DEFAULTS = dict(
     steps=1000,
+    batch_size=0,            # 0 = data.batch_size
     optimizer=dict(OPTIMIZER_DEFAULTS, learning_rate=1e-4, weight_decay=0.01, grad_clip=1.0, warmup_steps=100),
     caption_dropout=0.1,     # fraction of captions replaced by the empty prompt (for classifier-free guidance)
     min_snr_gamma=0.0,       # 0: plain MSE; e.g. 5.0: min-SNR-gamma weighting
