@@ -93,7 +93,7 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str) -> dict[str, floa
     lpips_params = load_lpips(ae["lpips"])
     if perceptual_weight(loss_cfg, {"lpips": lpips_params}) == 0.0:
         logging.warning("stage 1: no LPIPS weights configured (autoencoder.lpips=''), so the perceptual loss is "
-                        "off; the autoencoder trains on L1 + KL + GAN only")
+                        "off; the autoencoder trains on L1 + KL (+ the GAN from disc_start) only")
     optimizers = {"vae": make_optimizer(ae["optimizer"], ae["steps"]),
                   "discriminator": make_optimizer(ae["disc_optimizer"], ae["steps"])}
     rng = jax.random.key(config["seed"])
