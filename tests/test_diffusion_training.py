@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from configs import sd15
-from ldm_jax.data import shapes
+from ldm_jax.data import latents, shapes
 from ldm_jax.diffusion.sampling import sample_fn
 from ldm_jax.models.clip import CLIPTextModel
 from ldm_jax.models.unet import UNet2DConditionModel
@@ -126,3 +126,25 @@ def test_stopped_and_resumed_run_matches_uninterrupted(chain, tmp_path):
     for name in ("unet", "text_encoder"):
         for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
             np.testing.assert_array_equal(x, y)
+
+
+def test_init_from_fine_tunes_a_pretrained_pipeline(chain, tmp_path):
+    """init_from=a diffusers folder: its VAE (and scale factor) makes the cache, its U-Net and text encoder start
+    stage 2, its tokenizer is kept. With a zero learning rate the trained params stay the pretrained ones."""
+    _, workdir, data_dir = chain
+    source = checkpoints.load_pipeline(workdir, 4, use_ema=False)
+    folder = str(tmp_path / "pretrained")
+    source.save_pretrained(folder)
+    run_dir = str(tmp_path / "finetune")
+    config = _config(data_dir, stages="latents,diffusion", init_from=folder,
+                     diffusion={**_DIFFUSION, "steps": 1, "ema_decay": 0.0,
+                                "optimizer": dict(learning_rate=0.0, weight_decay=0.0)})
+    run(config, run_dir)
+    tuned = checkpoints.load_pipeline(run_dir, 1)
+    assert tuned.scale_factor == pytest.approx(source.scale_factor)
+    assert os.path.isdir(os.path.join(run_dir, "tokenizer"))
+    for name in ("unet", "text_encoder", "vae"):
+        for x, y in zip(jax.tree.leaves(source.params[name]), jax.tree.leaves(tuned.params[name])):
+            np.testing.assert_array_equal(x, y)
+    manifest = latents.read_manifest(os.path.join(run_dir, "latents"))
+    assert manifest["vae"]["source"] == os.path.abspath(folder)

@@ -91,15 +91,20 @@ def trained_names(task: DiffusionTask) -> tuple[str, ...]:
     return ("unet", "text_encoder") if task.train_text_encoder else ("unet",)
 
 
-def init_state(stage: Stage2, optimizer: Any, rng: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-    """A fresh (boxed) train state and the frozen params: random, or the pretrained pipeline's."""
+def init_state(stage: Stage2, optimizer: Any, rng: jax.Array,
+               pretrained: dict[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """A fresh (boxed) train state and the frozen params: random, or ``pretrained`` ({'unet', 'text_encoder'}).
+
+    ``pretrained`` is an argument, not a closed-over constant, so that jitting
+    this function does not bake the weights into the program.
+    """
     keys = dict(zip(("unet", "text_encoder"), jax.random.split(rng)))
     modules = {"unet": stage.task.unet, "text_encoder": stage.task.text_encoder}
     params = {name: module.init(keys[name], *init_inputs(name, stage.configs[name]))["params"]
               for name, module in modules.items()}
-    if stage.pretrained is not None:  # keep the logical-partitioning boxes, swap in the pretrained values
+    if pretrained is not None:  # keep the logical-partitioning boxes, swap in the pretrained values
         params = jax.tree.map(lambda box, value: box.replace_boxed(value) if hasattr(box, "replace_boxed") else value,
-                              params, stage.pretrained, is_leaf=lambda x: hasattr(x, "replace_boxed"))
+                              params, pretrained, is_leaf=lambda x: hasattr(x, "replace_boxed"))
     trained = {name: params[name] for name in trained_names(stage.task)}
     frozen = {name: params[name] for name in params if name not in trained}
     ema = {"unet": params["unet"]} if stage.task.ema_decay > 0 else {}
@@ -128,7 +133,7 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
     schedule = learning_rate_schedule({**OPTIMIZER_DEFAULTS, **d["optimizer"]}, d["steps"])
     rng = jax.random.key(config["seed"])
     (state, frozen), shardings = parallel.sharded_init(functools.partial(init_state, stage, optimizer), mesh,
-                                                       jax.random.fold_in(rng, 0))
+                                                       jax.random.fold_in(rng, 0), stage.pretrained)
     state_shardings, frozen_shardings = shardings
     manager = checkpoints.checkpoint_manager(workdir, keep=d["keep"])
     start = manager.latest_step() or 0

@@ -1,0 +1,274 @@
+r"""Stage-2 train-step throughput: ldm_jax vs diffusers (PyTorch), and latent vs pixel diffusion.
+
+One diffusion train step is the epsilon-prediction MSE of a U-Net at random
+timesteps (``t ~ U{0..999}``, SD 1.5's noise schedule), its gradient and an
+AdamW update (lr 1e-4, weight decay 0.01), on a batch of clean inputs and a
+fixed text context [B, 16, cross_attention_dim] (a frozen text encoder's
+output, computed once: no text encoder inside the step). Random weights,
+float32. In one process:
+
+1. *peer* (``--part peer``): the same U-Net config (configs/base.py's, on
+   16x16x4 latents; SD 1.5's on 64x64x4 with ``--config sd15``, for an
+   accelerator) trained by ldm_jax (a jitted, state-donating step; its compile
+   time and XLA's FLOP count are reported) and by diffusers
+   (``UNet2DConditionModel``, ``DDPMScheduler.add_noise``, ``F.mse_loss``,
+   ``torch.optim.AdamW``; torch threads = the cores JAX uses). One warm-up
+   step each, then ``--repeats`` steps of each, alternating; the table gives
+   the median step times, images/s and *ldm_jax / diffusers* in images/s
+   (> 1: ldm_jax is faster).
+2. *pixel* (``--part pixel``, configs/base.py only): ldm_jax alone, 64x64
+   images either as 16x16x4 latents (the base U-Net) or as 64x64x3 pixels
+   (the same architecture with 3 input/output channels). Step time, images/s,
+   XLA's FLOPs and memory (``compiled.memory_analysis()``: arguments + outputs
+   - aliased (donated) + temporaries, not the process RSS), and the ratios
+   pixel / latent. ../shared/seed/latent_diffusion.md claims latent
+   diffusion needs ~3x less memory (8 vs 24 GB) and is 4-8x faster than
+   pixel diffusion; the JSON line's ``pixel_over_latent`` ratios confirm or
+   refute that at this scale. On a CPU, a step whose memory exceeds the
+   machine's available memory is compiled but not run (its times are null):
+   the pixel step needs about 1.5 GiB per image (47 GiB at batch 32).
+
+Run from the repository root::
+
+  python -m bench.train_bench [--config base|sd15] [--batch 32] [--repeats 5] [--part peer|pixel|all]
+
+Prints a table per part and one JSON line.
+"""
+
+import argparse
+import json
+import statistics
+from typing import Any, Callable
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+
+from bench.sample_bench import load_average, machine, timed
+from configs import base as base_config
+from configs import sd15
+from ldm_jax.diffusion import schedule as sched
+from ldm_jax.models.unet import UNet2DConditionModel
+from ldm_jax.pipeline import init_inputs
+from ldm_jax.training.state import make_optimizer
+
+CONTEXT_LENGTH = 16  # configs/base.py's text length
+CONFIGS = {
+    "base": dict(image_size=64, unet=base_config.UNET),
+    "sd15": dict(image_size=512, unet=sd15.get_config().unet.to_dict()),
+}
+OPTIMIZER = dict(learning_rate=1e-4, weight_decay=0.01)
+
+
+def make_jax_step(unet: UNet2DConditionModel, optimizer: optax.GradientTransformation) -> Callable:
+    """The jitted step ``(params, opt_state, rng), x0, context -> new state, loss``; donates the state."""
+    schedule = sched.NoiseSchedule.from_config(sd15.SD_SCHEDULER)
+
+    def loss_fn(params, x0, context, rng):
+        t_rng, noise_rng = jax.random.split(rng)
+        t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_train_timesteps)
+        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+        prediction = unet.apply({"params": params}, sched.add_noise(schedule, x0, noise, t), t, context)
+        return jnp.mean(jnp.square(prediction - noise))
+
+    def step(state, x0, context):
+        params, opt_state, rng = state
+        rng, step_rng = jax.random.split(rng)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x0, context, step_rng)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, rng), loss
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def xla_costs(compiled) -> dict[str, float]:
+    """FLOPs and memory of a compiled step, from XLA's cost and memory analyses.
+
+    ``memory_bytes`` = argument + output - alias + temp sizes (the buffers
+    live at the step's peak; aliased outputs reuse donated arguments).
+    """
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of one dict on older jax
+    memory = compiled.memory_analysis()
+    sizes = {field: getattr(memory, f"{field}_size_in_bytes", 0) for field in ("argument", "output", "alias", "temp")}
+    total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
+    return dict(flops=cost["flops"], memory_bytes=total, **{f"{k}_bytes": v for k, v in sizes.items()})
+
+
+def jax_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) -> tuple[dict, Callable]:
+    """Compile ldm_jax's step for ``config`` and these inputs.
+
+    Returns (compile seconds and XLA costs, a blocking call that runs one step).
+    """
+    unet = UNet2DConditionModel.from_diffusers_config(config)
+    params = jax.jit(unet.init)(jax.random.key(0), *init_inputs("unet", config))["params"]
+    optimizer = make_optimizer(OPTIMIZER, 1000)
+    state = [(params, optimizer.init(params), jax.random.key(1))]
+    inputs = (jnp.asarray(x0), jnp.asarray(context))
+    compile_s, compiled = timed(lambda: make_jax_step(unet, optimizer).lower(state[0], *inputs).compile())
+
+    def call():
+        state[0], loss = compiled(state[0], *inputs)
+        return jax.block_until_ready(loss)
+
+    return dict(compile_s=compile_s, **xla_costs(compiled)), call
+
+
+def torch_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) -> Callable:
+    """A blocking call running one diffusers train step (float32; the GPU if JAX runs on one, else CPU)."""
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(**config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIMIZER["learning_rate"],
+                                  weight_decay=OPTIMIZER["weight_decay"])
+    scheduler = diffusers.DDPMScheduler.from_config(sd15.SD_SCHEDULER)
+    latents = torch.from_numpy(np.ascontiguousarray(x0.transpose(0, 3, 1, 2))).to(device)
+    text = torch.from_numpy(context).to(device)
+
+    def call():
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noise = torch.randn_like(latents)
+        prediction = model(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
+        loss = F.mse_loss(prediction, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # waits for the device
+
+    return call
+
+
+def measure(runners: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
+    """One warm-up call per runner, then ``repeats`` timed calls of each, alternating (ABAB...)."""
+    for call in runners.values():
+        call()
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, call in runners.items():
+            times[name].append(timed(call)[0])
+    return times
+
+
+def inputs(batch: int, side: int, channels: int, context_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded clean inputs [B, side, side, channels] and a text context [B, 16, context_dim] (float32)."""
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((batch, side, side, channels)).astype(np.float32)
+    return x0, rng.standard_normal((batch, CONTEXT_LENGTH, context_dim)).astype(np.float32)
+
+
+def peer_part(spec: dict[str, Any], batch: int, repeats: int) -> dict[str, Any]:
+    """Part 1: ldm_jax vs diffusers on the same U-Net config; prints its table, returns its record."""
+    config = spec["unet"]
+    x0, context = inputs(batch, config["sample_size"], config["in_channels"], config["cross_attention_dim"])
+    costs, ours = jax_runner(config, x0, context)
+    times = measure({"ldm_jax": ours, "diffusers": torch_runner(config, x0, context)}, repeats)
+    steps = {name: statistics.median(values) for name, values in times.items()}
+    record = dict(latent_shape=list(x0.shape[1:]), ours_compile_s=costs["compile_s"], ours_flops=costs["flops"],
+                  ours_step_s=steps["ldm_jax"], diffusers_step_s=steps["diffusers"],
+                  ours_images_per_s=batch / steps["ldm_jax"], diffusers_images_per_s=batch / steps["diffusers"],
+                  ours_over_diffusers_images_per_s=steps["diffusers"] / steps["ldm_jax"],
+                  ours_times=times["ldm_jax"], diffusers_times=times["diffusers"])
+    print(f"peer: U-Net train step on {batch}x{'x'.join(map(str, x0.shape[1:]))} latents "
+          f"(ldm_jax compile {costs['compile_s']:.1f} s, {costs['flops'] / 1e9:.1f} GFLOP per step)")
+    print(f"{'':10} {'step s':>8} {'images/s':>9}")
+    for name, seconds in steps.items():
+        print(f"{name:10} {seconds:8.3f} {batch / seconds:9.2f}")
+    print(f"ldm_jax / diffusers images/s: {record['ours_over_diffusers_images_per_s']:.2f}x")
+    return record
+
+
+def available_memory() -> float:
+    """Bytes a new allocation may take: MemAvailable on XLA:CPU, unlimited elsewhere (XLA reports its own OOM)."""
+    if jax.default_backend() != "cpu":
+        return float("inf")
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def pixel_part(spec: dict[str, Any], batch: int, repeats: int) -> dict[str, Any]:
+    """Part 2: ldm_jax's step on latents vs on pixels of the same images; prints its table, returns its record.
+
+    A step whose XLA memory exceeds the machine's available memory is compiled
+    (FLOPs, memory) but not run: its times are null.
+    """
+    size, latent = spec["image_size"], spec["unet"]
+    configs = {"latent": latent, "pixel": dict(latent, in_channels=3, out_channels=3, sample_size=size)}
+    costs, runners = {}, {}
+    for name, config in configs.items():
+        x0, context = inputs(batch, config["sample_size"], config["in_channels"], config["cross_attention_dim"])
+        costs[name], runners[name] = jax_runner(config, x0, context)
+        costs[name].update(step_s=None, images_per_s=None, times=None)
+        if costs[name]["memory_bytes"] > available_memory():
+            del runners[name]
+    for name, values in measure(runners, repeats).items():
+        costs[name].update(step_s=statistics.median(values), images_per_s=batch / statistics.median(values),
+                           times=values)
+    ratios = {key: costs["pixel"][key] / costs["latent"][key] if costs["pixel"][key] and costs["latent"][key]
+              else None
+              for key in ("step_s", "flops", "memory_bytes")}
+    print_pixel_table(configs, costs, ratios, batch, size)
+    return dict(image_size=size, latent=costs["latent"], pixel=costs["pixel"], pixel_over_latent=ratios)
+
+
+def print_pixel_table(configs: dict[str, dict], costs: dict[str, dict], ratios: dict[str, float | None],
+                      batch: int, size: int) -> None:
+    """Print part 2's table: one row per step (latent, pixel), then the ratios pixel / latent."""
+    print(f"pixel: ldm_jax train step on {batch} {size}x{size} images as latents or pixels "
+          f"(memory: XLA argument + output - alias + temp bytes; available {available_memory() / 2**30:.1f} GiB)")
+    print(f"{'':14} {'step s':>8} {'images/s':>9} {'GFLOP':>8} {'memory MiB':>11} {'compile s':>10}")
+    for name, config in configs.items():
+        c = costs[name]
+        label = f"{name} {config['sample_size']}x{config['sample_size']}x{config['in_channels']}"
+        timing = f"{c['step_s']:8.3f} {c['images_per_s']:9.2f}" if c["step_s"] else f"{'not run: memory':>18}"
+        print(f"{label:14} {timing} {c['flops'] / 1e9:8.1f} {c['memory_bytes'] / 2**20:11.1f} "
+              f"{c['compile_s']:10.1f}")
+    print("pixel / latent: " + ", ".join(f"{key} {value:.2f}x" if value else f"{key} -"
+                                         for key, value in ratios.items()))
+
+
+def rounded(value: Any) -> Any:
+    """``value`` with floats to 4 significant digits, recursively through dicts and lists."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+def main(argv=None) -> dict:
+    """Run the chosen parts, print their tables and the JSON line; returns the JSON record."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="base")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--part", choices=("peer", "pixel", "all"), default="all")
+    args = parser.parse_args(argv)
+    if args.config == "sd15" and args.part != "peer":
+        parser.error("--config sd15 runs --part peer only: SD 1.5's U-Net on 512x512 pixels would attend "
+                     "over 262144 tokens")
+
+    load_start, info = load_average(), machine()
+    torch.set_num_threads(info["cores"])
+    print(f"config {args.config}, batch {args.batch}, {args.repeats} repeats; {info['device']} / {info['cpu']}, "
+          f"{info['cores']} cores (torch threads {torch.get_num_threads()}); load average {load_start}")
+    record = dict(config=args.config, batch=args.batch, repeats=args.repeats, **info,
+                  torch_threads=torch.get_num_threads(), loadavg_start=load_start)
+    spec = CONFIGS[args.config]
+    if args.part in ("peer", "all"):
+        record["peer"] = peer_part(spec, args.batch, args.repeats)
+    if args.part in ("pixel", "all"):
+        record["pixel"] = pixel_part(spec, args.batch, args.repeats)
+    record["loadavg_end"] = load_average()
+    record = rounded(record)
+    print(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
