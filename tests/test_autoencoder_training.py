@@ -186,19 +186,21 @@ def test_interrupted_cache_is_rebuilt_and_new_splits_added(trained, tmp_path):
 
 
 def test_train_and_encode_latents_commands(shapes_dir, tmp_path):
-    """The two commands as users type them, on the quick variant of configs/vae.py (plus a latents stage)."""
-    workdir = str(tmp_path / "run")
-    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    args = ["--config", "configs/vae.py:quick", "--workdir", workdir, f"--config.data.data_dir={shapes_dir}"]
+    """The two commands as users type them (a relative workdir), on configs/vae.py:quick plus a latents stage."""
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": ROOT}
+    args = ["--config", os.path.join(ROOT, "configs", "vae.py") + ":quick", "--workdir", "run",
+            f"--config.data.data_dir={shapes_dir}"]
     subprocess.run([sys.executable, "-m", "ldm_jax.train", *args, "--config.stages=autoencoder,latents"],
-                   check=True, cwd=ROOT, env=env, capture_output=True)
+                   check=True, cwd=tmp_path, env=env, capture_output=True)
+    workdir = str(tmp_path / "run")
     assert checkpoints.available_steps(autoencoder_loop.stage_dir(workdir)) == [2, 4]
     manifest = json.load(open(os.path.join(workdir, "latents", latents.MANIFEST)))
     assert manifest["splits"]["train"]["count"] == 512 and manifest["latent_shape"] == [16, 16, 4]
     assert manifest["vae"]["step"] == 4
-    result = subprocess.run([sys.executable, "-m", "ldm_jax.encode_latents", *args], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "ldm_jax.encode_latents", *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0 and "latent cache ready: {'train': 512}" in result.stderr, result.stderr[-2000:]
     typo = subprocess.run([sys.executable, "-m", "ldm_jax.train", *args, "--config.autoencoder.step=3"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert typo.returncode != 0 and 'Did you mean "steps" instead of "step"?' in typo.stderr

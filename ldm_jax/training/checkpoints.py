@@ -79,7 +79,8 @@ def item_handlers() -> dict[str, ocp.CheckpointHandler]:
 def checkpoint_manager(workdir: str, *, keep: int | None = 3, create: bool = True) -> ocp.CheckpointManager:
     """An orbax CheckpointManager over ``WORKDIR/checkpoints`` that keeps the newest ``keep`` steps (None: all)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=item_handlers())
+    directory = os.path.abspath(checkpoint_dir(workdir))  # orbax needs absolute paths; workdirs may be relative
+    return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers())
 
 
 def pipeline_save_args(pipeline: Pipeline, ema_unet: Any = None) -> dict[str, ocp.args.CheckpointArgs]:
