@@ -23,7 +23,7 @@ import tqdm
 from absl import logging
 
 from ldm_jax import parallel
-from ldm_jax.data import latents as latent_cache
+from ldm_jax.data import latents
 from ldm_jax.data import shapes
 from ldm_jax.data.pipeline import make_tokenizer
 from ldm_jax.diffusion.sampling import Models, sample_fn
@@ -45,7 +45,7 @@ class Stage2:
     configs: dict[str, dict]
     models: Models
     task: DiffusionTask
-    vae: latent_cache.FrozenVAE
+    vae: latents.FrozenVAE
     tokenizer: Any
     max_length: int
     pretrained: dict[str, Any] | None
@@ -177,7 +177,7 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
             grid.save(os.path.join(workdir, "samples", f"step_{step:06d}.png"))
         writer.write_images(step, "samples", np.asarray(grid)[None])
 
-    iterator = latent_cache.LatentIterator(cache_folder(config, workdir), "train", batch_size, config["seed"],
+    iterator = latents.LatentIterator(cache_folder(config, workdir), "train", batch_size, config["seed"],
                                            start_step=start)
     per_host = batch_size // jax.process_count()
     empty_rows = np.repeat(empty, per_host, 0)
