@@ -60,8 +60,8 @@ def load_lpips(folder: str) -> Any:
     return params_from_torch(*paths)
 
 
-def evaluate(config: Mapping[str, Any], loss_cfg: AutoencoderLossConfig, vae_params: Any,
-             mesh: jax.sharding.Mesh, step_fn: Any) -> dict[str, float]:
+def evaluate(config: Mapping[str, Any], vae_params: Any, mesh: jax.sharding.Mesh,
+             step_fn: Any) -> dict[str, float]:
     """Mean reconstruction PSNR and L1 over the first ``eval_examples`` of the test split (in index order)."""
     data, wanted = config["data"], config["autoencoder"]["eval_examples"]
     iterator = make_iterator(data, "test", seed=config["seed"], num_epochs=1, shuffle=False)
@@ -107,8 +107,9 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str) -> dict[str, floa
         logging.info("stage 1: %s already holds step %d of %d; nothing to train", folder, start, ae["steps"])
         return checkpoints.read_config(manager, start)["eval"]
     if start:
-        params, rest = checkpoints.restore_train_step(manager, start, _abstract(state.params, shardings.params),
-                                                      _abstract(_rest(state), _rest(shardings)))
+        params, rest = checkpoints.restore_train_step(
+            manager, start, checkpoints.abstract_like(state.params, shardings.params),
+            checkpoints.abstract_like(_rest(state), _rest(shardings)))
         state = state.replace(params=params, **rest)
         logging.info("stage 1: resumed from step %d in %s", start, folder)
 
@@ -146,7 +147,7 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str) -> dict[str, floa
                        "images_per_sec": (done - timed_from) * config["data"]["batch_size"] / elapsed}
             writer.write(done, metrics, prefix="train/")
         if (ae["eval_every"] and done % ae["eval_every"] == 0) or done == ae["steps"]:
-            eval_metrics = evaluate(config, loss_cfg, state.params["vae"], mesh, eval_fn)
+            eval_metrics = evaluate(config, state.params["vae"], mesh, eval_fn)
             writer.write(done, eval_metrics, prefix="test/")
         if done % ae["checkpoint_every"] == 0 or done == ae["steps"]:
             save(done, eval_metrics)
@@ -162,8 +163,3 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str) -> dict[str, floa
 def _rest(state: Any) -> dict[str, Any]:
     """The parts of a TrainState besides its params (saved as the ``state`` item)."""
     return {"step": state.step, "opt_state": state.opt_state}
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    """``ShapeDtypeStruct``s of ``tree``'s arrays, placed on ``shardings``."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

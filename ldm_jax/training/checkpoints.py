@@ -60,6 +60,11 @@ def restore_train_step(manager: ocp.CheckpointManager, step: int, params: dict[s
     return restored_params, restored_state
 
 
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """``ShapeDtypeStruct``s of ``tree``'s arrays placed on ``shardings`` (a matching tree): a restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The JSON config item saved at ``step``."""
     return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]

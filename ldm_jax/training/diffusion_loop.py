@@ -212,13 +212,11 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
 def _restore(manager: Any, step: int, state: TrainState, frozen: dict[str, Any], state_shardings: TrainState,
              frozen_shardings: dict[str, Any], task: DiffusionTask) -> tuple[TrainState, dict[str, Any]]:
     """The state and frozen params saved at ``step``, placed on their shardings."""
-    def abstract(tree, shardings):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-    params = {**abstract(state.params, state_shardings.params), **abstract(frozen, frozen_shardings)}
+    params = {**checkpoints.abstract_like(state.params, state_shardings.params),
+              **checkpoints.abstract_like(frozen, frozen_shardings)}
     if state.ema:
-        params["ema_unet"] = abstract(state.ema["unet"], state_shardings.ema["unet"])
-    rest = abstract({"step": state.step, "opt_state": state.opt_state},
+        params["ema_unet"] = checkpoints.abstract_like(state.ema["unet"], state_shardings.ema["unet"])
+    rest = checkpoints.abstract_like({"step": state.step, "opt_state": state.opt_state},
                     {"step": state_shardings.step, "opt_state": state_shardings.opt_state})
     restored, rest = checkpoints.restore_train_step(manager, step, params, rest)
     trained = {name: restored[name] for name in trained_names(task)}
