@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D, as_tuple, conv,
-                                   dense, group_norm, layer_norm)
+from ldm_jax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D, as_tuple, attention,
+                                   conv, dense, group_norm, layer_norm)
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -36,7 +36,6 @@ _FIXED_OPTIONS = {
     "num_class_embeds": (None,),
     "class_embeddings_concat": (False,),
     "projection_class_embeddings_input_dim": (None,),
-    "addition_embed_type": (None,),
     "addition_time_embed_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
@@ -52,8 +51,8 @@ _FIXED_OPTIONS = {
     "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,),
 }
-# Options without effect here: used only together with an option fixed above.
-_IGNORED_OPTIONS = frozenset({"addition_embed_type_num_heads"})
+# The values of ``addition_embed_type`` we implement: none, or a pooled-text embedding added to the time embedding.
+ADDITION_EMBED_TYPES = (None, "text")
 # Config fields of ours that are lists of values in the JSON config.
 _TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
                  "attention_head_dim", "transformer_layers_per_block")
@@ -91,6 +90,50 @@ class TimestepEmbedding(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.silu(dense(self.features, "linear_1", **kw)(x))
         return dense(self.features, "linear_2", ("mlp", "embed"), **kw)(x)
+
+
+class AttentionPooling(nn.Module):
+    """Pools [B, L, D] to [B, D]: a query token (mean over L + a learned offset) attends over itself and the tokens.
+
+    No output projection; ``positional_embedding`` [1, D] is the learned offset.
+    """
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        offset = self.param("positional_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(width ** -0.5), (None, "embed")), (1, width), self.param_dtype)
+        query = jnp.mean(x, axis=1, keepdims=True) + offset.astype(x.dtype)
+        tokens = jnp.concatenate([query, x], axis=1)
+        q = dense(width, "q_proj", ("embed", "heads"), **kw)(query)
+        k = dense(width, "k_proj", ("embed", "heads"), **kw)(tokens)
+        v = dense(width, "v_proj", ("embed", "heads"), **kw)(tokens)
+        return attention(q, k, v, self.heads)[:, 0]
+
+
+class TextTimeEmbedding(nn.Module):
+    """diffusers' ``addition_embed_type='text'``: the text context pooled into one vector of the time-embedding width.
+
+    LayerNorm, attention pooling, a projection, LayerNorm. Added to the time
+    embedding, it conditions every ResNet block on the whole prompt, besides
+    the cross-attention layers.
+    """
+    features: int
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layer_norm(1e-5, "norm1", **kw)(context)
+        x = AttentionPooling(self.heads, name="pool", **kw)(x)
+        x = dense(self.features, "proj", **kw)(x)
+        return layer_norm(1e-5, "norm2", **kw)(x)
 
 
 class GEGLU(nn.Module):
@@ -285,6 +328,8 @@ class UNet2DConditionModel(nn.Module):
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     time_embedding_dim: int | None = None
+    addition_embed_type: str | None = None
+    addition_embed_type_num_heads: int = 64
     dropout: float = 0.0
     sample_size: int | None = None
     dtype: Dtype = jnp.float32
@@ -306,6 +351,12 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"cross_attention_dim must be one int, got {self.cross_attention_dim!r}")
         if not isinstance(self.norm_num_groups, int):
             raise ValueError(f"norm_num_groups must be an int, got {self.norm_num_groups!r}")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"unsupported addition_embed_type {self.addition_embed_type!r}: use "
+                             f"{' or '.join(map(repr, ADDITION_EMBED_TYPES))}")
+        if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
+            raise ValueError(f"cross_attention_dim {self.cross_attention_dim} is not divisible by "
+                             f"addition_embed_type_num_heads {self.addition_embed_type_num_heads}")
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
         if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
@@ -323,7 +374,7 @@ class UNet2DConditionModel(nn.Module):
         fields = {f for f in cls.__dataclass_fields__ if f not in ("parent", "name", "dtype", "param_dtype")}
         kwargs = {}
         for key, value in config.items():
-            if key.startswith("_") or key in _IGNORED_OPTIONS:
+            if key.startswith("_"):
                 continue
             if key in _FIXED_OPTIONS:
                 if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
@@ -371,6 +422,9 @@ class UNet2DConditionModel(nn.Module):
         temb = timestep_embedding(timesteps, channels[0], self.flip_sin_to_cos, self.freq_shift)
         temb = TimestepEmbedding(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
                                  **kw)(temb.astype(self.dtype))
+        if self.addition_embed_type == "text":
+            temb = temb + TextTimeEmbedding(temb.shape[-1], self.addition_embed_type_num_heads, name="add_embedding",
+                                            **kw)(context)
 
         if self.center_input_sample:
             sample = 2 * sample - 1.0
