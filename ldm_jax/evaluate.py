@@ -8,8 +8,10 @@ colour, shape, size and position back with
 ``ldm_jax.evaluation.shapes_checker`` and reports the fraction right per
 attribute, for all prompts and for the held-out pairs alone. As a floor it
 scores unconditional samples (guidance 1.0, empty prompts, same seeds)
-against the same captions, and as a ceiling the checker on the real test
-images. Prints a table and writes ``WORKDIR/eval_step_<step>.json``.
+against the same captions; as ceilings, the checker on the real test images
+and on their reconstructions by the checkpoint's VAE (posterior mean, encoded
+and decoded: no latent model can generate what its VAE cannot reproduce).
+Prints a table and writes ``WORKDIR/eval_step_<step>.json``.
 """
 
 import json
@@ -52,6 +54,15 @@ def generate(pipe, prompts: list[str], guidance: float, seed: int, batch: int) -
     return np.concatenate(images)
 
 
+def reconstruct(pipe, images: np.ndarray, batch: int) -> np.ndarray:
+    """uint8 ``images`` [N, S, S, 3] encoded to their posterior mean and decoded by the pipeline's VAE."""
+    vae, params = pipe.models.vae, pipe.params["vae"]
+    roundtrip = jax.jit(lambda p, x: vae.apply({"params": p}, x)[0])
+    out = [np.asarray(roundtrip(params, images[i:i + batch].astype(np.float32) / 127.5 - 1.0))
+           for i in range(0, len(images), batch)]
+    return np.round(np.clip((np.concatenate(out) + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def score(images: np.ndarray, targets: list[dict]) -> dict[str, dict[str, float]]:
     """Accuracy per attribute on all images and on the held-out colour-shape pairs."""
     predictions = shapes_checker.classify_batch(images)
@@ -72,14 +83,15 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
     real = np.stack([e["image"] for e in examples])
     return {"step": step, "count": len(prompts), "guidance": _GUIDANCE.value, "steps": _STEPS.value,
             "sampler": _SAMPLER.value, "conditional": score(conditional, targets),
-            "unconditional": score(unconditional, targets), "real_images": score(real, targets)}
+            "unconditional": score(unconditional, targets), "real_images": score(real, targets),
+            "vae_reconstructions": score(reconstruct(pipe, real, _BATCH.value), targets)}
 
 
 def print_table(report: dict) -> None:
     """The report as a table: rows are the image sets, columns the attributes."""
     columns = (*shapes_checker.ATTRIBUTES, "all")
     print(f"{'images (step ' + str(report['step']) + ')':34s}" + "".join(f"{c:>10s}" for c in columns))
-    for name in ("conditional", "unconditional", "real_images"):
+    for name in ("conditional", "unconditional", "real_images", "vae_reconstructions"):
         for subset in ("all", "held_out"):
             row = report[name][subset]
             print(f"{name + ' / ' + subset:34s}" + "".join(f"{100 * row[c]:9.1f}%" for c in columns))

@@ -1,7 +1,10 @@
 """Stage 2: the loss against diffusers' training recipe, and the whole chain (stage 1 -> cache -> stage 2) on tiny."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import diffusers
 import jax
@@ -113,6 +116,24 @@ def test_chain_trains_checkpoints_and_samples(chain):
                                     max_length=16)["input_ids"], np.int32)
     images = sample_fn(pipe.params, ids, ids, jax.random.key(0), models=pipe.models, steps=2, height=32, width=32)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(np.asarray(images)).all()
+
+
+def test_evaluate_scores_samples_floor_and_ceilings(chain):
+    _, workdir, _ = chain
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    done = subprocess.run([sys.executable, "-m", "ldm_jax.evaluate", "--checkpoint", workdir, "--count", "4",
+                           "--batch", "4", "--steps", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "eval_step_4.json")) as f:
+        report = json.load(f)
+    assert report["count"] == 4 and report["step"] == 4
+    for name in ("conditional", "unconditional", "real_images", "vae_reconstructions"):
+        assert name in done.stdout
+        for subset in ("all", "held_out"):
+            assert all(0.0 <= v <= 1.0 for v in report[name][subset].values())
+    assert report["real_images"]["all"]["all"] == 1.0  # the checker reads these four test images right
+    # A 2-step VAE reconstructs nothing recognisable: far below the real images.
+    assert report["vae_reconstructions"]["all"]["all"] < 1.0
 
 
 def test_stopped_and_resumed_run_matches_uninterrupted(chain, tmp_path):
