@@ -67,8 +67,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Ar
     b, tq, d = q.shape
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads)
     q, k, v = split(q), split(k), split(v)
-    if impl == "auto":
-        impl = "einsum" if jax.default_backend() == "cpu" else "default"
+    if impl == "auto" and jax.default_backend() == "cpu":
+        impl = "einsum"
     if impl == "cudnn" and not _cudnn_supports(q):
         impl = "xla"
     if impl == "einsum":
@@ -77,7 +77,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Ar
     if impl == "pallas_tpu":
         out = pallas_tpu_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), mask, is_causal)
         return out.transpose(0, 2, 1, 3).reshape(b, tq, d)
-    implementation = None if impl == "default" else impl
+    implementation = impl if impl in ("xla", "cudnn") else None  # None ('auto' off CPU): jax chooses
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                         implementation=implementation).reshape(b, tq, d)
 
