@@ -53,7 +53,7 @@ PROMPTS = ("a photo of a cat on a mat", "a red circle in the sky", "a painting o
 # Per config: the models (a configs/ module), the train batch, the sampling batch for images/s, timing repeats.
 SPECS = {
     "sd15": dict(module="configs.sd15", train_batch=16, sample_batch=8, train_rounds=3, steps_per_round=5,
-                 sample_repeats=3, diffusers_reserve_s=200),
+                 sample_repeats=3, diffusers_reserve_s=150),
     "tiny": dict(module="configs.tiny", train_batch=2, sample_batch=8, train_rounds=2, steps_per_round=2,
                  sample_repeats=1, diffusers_reserve_s=100),
 }
@@ -411,8 +411,10 @@ def run_worker(framework: str, args, deadline: float) -> dict:
                    "--torch-dtype", args.torch_dtype]
         if args.attention_impl:
             command += ["--attention-impl", args.attention_impl]
+        # The worker is the only process on the accelerator: let JAX take 90% of its memory instead of 75%.
+        env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9", **os.environ}
         try:
-            code = subprocess.run(command, cwd=REPO, timeout=max(deadline - time.time(), 1) + 30).returncode
+            code = subprocess.run(command, cwd=REPO, env=env, timeout=max(deadline - time.time(), 1) + 30).returncode
         except subprocess.TimeoutExpired:
             code = "killed at the time budget"
         record = {"framework": framework}
@@ -444,7 +446,7 @@ def summary(record: dict) -> str:
     ours, theirs, ratio = record["ldm_jax"], record["diffusers"], record["speedup"]
     flops, peak = _get(ours, "train", "model_flops_per_step"), _get(ours, "train", "peak_flops")
     rate = lambda side: flops / _get(side, "train", "step_s") if flops and _get(side, "train", "step_s") else None
-    per = lambda value, unit: value / unit if value else None
+    per = lambda value, unit: value / unit if value and unit else None
     rows = [
         ("train step s", _get(ours, "train", "step_s"), _get(theirs, "train", "step_s"), ratio["train"], ".4f"),
         ("train images/s", _get(ours, "train", "images_per_s"), _get(theirs, "train", "images_per_s"), ratio["train"],

@@ -15,7 +15,8 @@ PARTS = ("train", "sample_latency", "sample_throughput")
 @pytest.mark.slow
 def test_tiny_run_records_every_part_of_both_frameworks(tmp_path):
     out = tmp_path / "tiny.json"
-    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    # One torch thread: on a loaded CPU torch's OpenMP threads wait on each other (minutes per tiny step).
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "bench.gpu_bench", "--config", "tiny", "--out", str(out),
                              "--budget-s", "1200"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -117,7 +117,10 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     a multiple of 128. ``mask`` may only mask keys ([B or 1, 1, 1, Tk]).
 
     Runs on TPUs; on a CPU inside
-    ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (tests).
+    ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()`` (tests). Not
+    yet wrapped in ``shard_map``: under a multi-device mesh XLA cannot
+    partition the kernel, so it gathers the operands and runs it whole on
+    every device (right results, wasted work).
     """
     from jax.experimental.pallas.ops.tpu import flash_attention as fa  # loaded only when used
 
