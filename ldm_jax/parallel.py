@@ -94,6 +94,11 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
                          f"(mesh {dict(mesh.shape)})")
 
 
+def host_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[start, stop) of host ``process_index``'s contiguous share of ``num_examples`` (sizes differ by <= 1)."""
+    return num_examples * process_index // process_count, num_examples * (process_index + 1) // process_count
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Global arrays split over the batch axes, assembled from each process's local rows.
 

@@ -23,7 +23,7 @@ from ldm_jax.pipeline import init_inputs
 from ldm_jax.train import run
 from ldm_jax.training import checkpoints
 from ldm_jax.training.diffusion_step import DiffusionTask, diffusion_loss, drop_captions
-from ldm_jax.training.metrics import read_metrics
+from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -169,3 +169,32 @@ def test_init_from_fine_tunes_a_pretrained_pipeline(chain, tmp_path):
             np.testing.assert_array_equal(x, y)
     manifest = latents.read_manifest(os.path.join(run_dir, "latents"))
     assert manifest["vae"]["source"] == os.path.abspath(folder)
+
+
+def test_deferred_writer_writes_each_record_one_push_late(tmp_path):
+    writer = DeferredWriter(MetricWriter(str(tmp_path)), prefix="train/")
+    assert writer.push(1, {"loss": jnp.float32(0.5)}) is None
+    assert read_metrics(str(tmp_path)) == []  # nothing fetched yet
+    assert writer.push(2, {"loss": jnp.float32(0.25), "lr": 1e-3}) == {"train/loss": 0.5}
+    assert writer.flush() == {"train/loss": 0.25, "train/lr": 1e-3}
+    assert writer.flush() is None
+    assert read_metrics(str(tmp_path)) == [{"step": 1, "train/loss": 0.5},
+                                           {"step": 2, "train/loss": 0.25, "train/lr": 1e-3}]
+
+
+def test_logged_metrics_are_the_values_of_their_steps(chain, tmp_path):
+    """The loop fetches metrics one log interval late: a rerun logging every 3 steps writes at steps 3 and 4
+    exactly the values the chain (logging every step) wrote there."""
+    _, workdir, data_dir = chain
+    rerun = str(tmp_path / "rerun")
+    shutil.copytree(workdir, rerun)
+    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "samples"):
+        path = os.path.join(rerun, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    run(_config(data_dir, stages="diffusion", diffusion={**_DIFFUSION, "log_every": 3}), rerun)
+    every_step = {r["step"]: r for r in read_metrics(workdir) if "train/loss" in r}
+    logged = [r for r in read_metrics(rerun) if "train/loss" in r]
+    assert [r["step"] for r in logged] == [3, 4]
+    for record in logged:
+        for key in ("train/loss", "train/mse", "train/weight", "train/grad_norm", "train/lr"):
+            assert record[key] == every_step[record["step"]][key], (record["step"], key)

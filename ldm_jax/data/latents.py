@@ -45,7 +45,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import parallel
-from ldm_jax.data.pipeline import host_range, make_iterator
+from ldm_jax.parallel import host_range
 from ldm_jax.models.vae import AutoencoderKL
 
 FORMAT = "ldm_jax latent moments v1"
@@ -161,6 +161,7 @@ class _ShardWriter:
 def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: str,
                  mesh: jax.sharding.Mesh) -> int:
     """Encode this process's share of ``split`` into ``folder/split`` (jitted, batch sharded); returns its rows."""
+    from ldm_jax.data.pipeline import make_iterator  # TensorFlow: loaded only to encode (the train step needs none)
     data = dict(config["data"])
     data["batch_size"] = config["latents"]["batch_size"] or data["batch_size"]
     parallel.check_batch(data["batch_size"], mesh)

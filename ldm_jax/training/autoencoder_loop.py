@@ -40,7 +40,7 @@ def stage_dir(workdir: str) -> str:
 def loss_config(config: Mapping[str, Any]) -> AutoencoderLossConfig:
     """The static loss config (modules and weights) of a run config."""
     ae = config["autoencoder"]
-    vae = AutoencoderKL.from_diffusers_config(dict(config["vae"]))
+    vae = AutoencoderKL.from_diffusers_config(dict(config["vae"]), attention_impl=config["attention_impl"])
     discriminator = NLayerDiscriminator(ndf=ae["disc_channels"], n_layers=ae["disc_layers"], norm=ae["disc_norm"])
     return AutoencoderLossConfig(vae=vae, discriminator=discriminator, lpips=LPIPS(), kl_weight=ae["kl_weight"],
                                  perceptual_weight=ae["perceptual_weight"], disc_weight=ae["disc_weight"],

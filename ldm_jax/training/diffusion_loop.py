@@ -33,7 +33,7 @@ from ldm_jax.pipeline import Pipeline, build_modules, init_inputs
 from ldm_jax.training import checkpoints
 from ldm_jax.training.diffusion_step import DiffusionTask, train_step
 from ldm_jax.training.latent_cache import cache_folder, ensure_latents
-from ldm_jax.training.metrics import MetricWriter
+from ldm_jax.training.metrics import DeferredWriter, MetricWriter
 from ldm_jax.training.state import TrainState, learning_rate_schedule, make_optimizer, OPTIMIZER_DEFAULTS
 
 SAMPLES_PER_GRID = 8
@@ -75,7 +75,8 @@ def setup(config: Mapping[str, Any], workdir: str) -> tuple[Stage2, dict[str, An
         raise ValueError("stage 2 needs token ids: set data.tokenizer (a CLIP tokenizer folder) or init_from a "
                          "pipeline with a tokenizer/ folder")
     max_length = config["data"]["max_length"] or tokenizer.model_max_length
-    modules = build_modules(configs, jnp.dtype(d["dtype"]))
+    modules = build_modules(configs, jnp.dtype(d["dtype"]), attention_impl=config["attention_impl"],
+                            remat_policy=d["remat_policy"])
     models = Models.create(modules["unet"], modules["vae"], modules["text_encoder"], configs["scheduler"],
                            manifest["scale_factor"])
     task = DiffusionTask(unet=modules["unet"], text_encoder=modules["text_encoder"], vae=None,
@@ -154,6 +155,9 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
     cond = np.asarray(tokenize(stage.tokenizer, prompts, stage.max_length), np.int32)
     checkpoints.save_tokenizer(workdir, stage.tokenizer)
     writer = MetricWriter(workdir)
+    # Metrics are written one log interval late (no host round trip: the loop never waits on the step it just
+    # dispatched); rates are measured between dispatches, which the device keeps pace with in steady state.
+    deferred = DeferredWriter(writer, prefix="train/")
 
     def pipeline_params() -> dict[str, Any]:
         text = state.params["text_encoder"] if stage.task.train_text_encoder else frozen["text_encoder"]
@@ -182,26 +186,30 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
     per_host = batch_size // jax.process_count()
     empty_rows = np.repeat(empty, per_host, 0)
     logged, started, timed_from = {}, time.time(), start
+    step_rng = jax.random.fold_in(rng, 1)  # the train step folds in the step number itself
     bar = tqdm.tqdm(total=d["steps"], initial=start, desc="stage 2", disable=jax.process_index() != 0)
     for step in range(start, d["steps"]):
         batch = next(iterator)
         batch = {"mean": batch["mean"], "logvar": batch["logvar"], "input_ids": batch["input_ids"],
                  "empty_ids": empty_rows}
-        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), frozen, jax.random.fold_in(rng, 1))
+        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), frozen, step_rng)
         done = step + 1
         bar.update(1)
         if done % d["log_every"] == 0 or done == d["steps"]:
             elapsed = time.time() - started
             rates = {"steps_per_sec": (done - timed_from) / elapsed,
                      "images_per_sec": (done - timed_from) * batch_size / elapsed, "lr": schedule(step)}
-            logged = writer.write(done, {**metrics, **rates}, prefix="train/")
-            bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
+            written = deferred.push(done, {**metrics, **rates})
+            if written:
+                logged = written
+                bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
         if done % d["checkpoint_every"] == 0 or done == d["steps"]:
             save(done)
         if (d["sample_every"] and done % d["sample_every"] == 0) or done == d["steps"]:
             sample_grid(done)
         if done % d["log_every"] == 0:
             started, timed_from = time.time(), done
+    logged = deferred.flush() or logged
     bar.close()
     manager.wait_until_finished()
     manager.close()
