@@ -15,7 +15,7 @@ Top-level keys::
     init_from      fine-tune a pretrained pipeline (diffusers folder or single-file SD .safetensors): its
                    U-Net, text encoder, VAE, scale factor and tokenizer replace the config's models
     data           the data section (ldm_jax/data/config.py)
-    mesh           device mesh axis sizes (ldm_jax/parallel.py)
+    mesh           the device mesh: axis sizes within and across slices, frozen models' layout (ldm_jax/parallel.py)
     autoencoder    stage-1 training (AUTOENCODER_DEFAULTS below)
     latents        the latent cache (LATENTS_DEFAULTS below)
     diffusion      stage-2 training (DIFFUSION_DEFAULTS below)
@@ -31,7 +31,7 @@ import ml_collections
 from ldm_jax.data.config import data_config
 from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import REMAT_POLICIES
-from ldm_jax.parallel import MESH_DEFAULTS
+from ldm_jax.parallel import MESH_DEFAULTS, check_mesh_config
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS
 
 STAGES = ("autoencoder", "latents", "diffusion")
@@ -151,6 +151,7 @@ def validate(config: Mapping[str, Any]) -> None:
     if unknown:
         raise KeyError(f"unknown config key(s) {unknown}; known keys: {sorted(TOP_LEVEL)}")
     stages(config)
+    check_mesh_config(config["mesh"])
     if config["image_size"] != config["data"]["image_size"]:
         raise ValueError(f"image_size {config['image_size']} differs from data.image_size "
                          f"{config['data']['image_size']}")
