@@ -11,6 +11,7 @@ Progress goes to stderr; the last line on stdout is the path written.
 """
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -46,6 +47,7 @@ _HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model
 _WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's native size).", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
 _OUT = flags.DEFINE_string("out", "grid.png", "Where to write the PNG grid.")
+flags.register_validator("guidance", math.isfinite, message="--guidance must be a finite number")
 flags.register_multi_flags_validator(
     ["pretrained", "checkpoint"], lambda values: (values["pretrained"] is None) != (values["checkpoint"] is None),
     message="give exactly one of --pretrained DIR or --checkpoint WORKDIR")
