@@ -34,6 +34,8 @@ from ldm_jax.training import checkpoints
 from ldm_jax.training.diffusion_step import DiffusionTask, train_step
 from ldm_jax.training.latent_cache import cache_folder, ensure_latents
 from ldm_jax.training.metrics import MetricWriter
+from ldm_jax.training.nonfinite import NonFiniteTracker
+from ldm_jax.training.preemption import StopRequest
 from ldm_jax.training.state import TrainState, learning_rate_schedule, make_optimizer, OPTIMIZER_DEFAULTS
 
 SAMPLES_PER_GRID = 8
@@ -122,8 +124,13 @@ def sample_prompts(config: Mapping[str, Any]) -> list[str]:
     return prompts
 
 
-def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]:
-    """Train stage 2 to ``diffusion.steps`` (resuming from the workdir); returns the last logged metrics."""
+def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest | None = None) -> dict[str, float]:
+    """Train stage 2 to ``diffusion.steps`` (resuming from the workdir); returns the last logged metrics.
+
+    ``stop`` (from ``ldm_jax.train``) ends the loop early on SIGTERM, after
+    saving the step it stopped at. Non-finite steps are handled as
+    ``diffusion.nan_policy`` says (``ldm_jax.training.nonfinite``).
+    """
     d = config["diffusion"]
     mesh = parallel.make_mesh(config["mesh"])
     batch_size = d["batch_size"] or config["data"]["batch_size"]
@@ -136,13 +143,16 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
                                                        jax.random.fold_in(rng, 0), stage.pretrained)
     state_shardings, frozen_shardings = shardings
     manager = checkpoints.checkpoint_manager(workdir, keep=d["keep"])
-    start = manager.latest_step() or 0
+    start = checkpoints.resume_step(manager, "stage 2")
     if start >= d["steps"]:
         logging.info("stage 2: %s already holds step %d of %d; nothing to train", workdir, start, d["steps"])
         return {}
+    skips = 0
     if start:
         state, frozen = _restore(manager, start, state, frozen, state_shardings, frozen_shardings, stage.task)
+        skips = checkpoints.read_config(manager, start).get("nonfinite_skips", 0)
         logging.info("stage 2: resumed from step %d in %s", start, workdir)
+    tracker = NonFiniteTracker(d["nan_policy"], stage="stage 2", policy_key="diffusion.nan_policy", previous=skips)
 
     batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     step_fn = jax.jit(functools.partial(train_step, stage.task, optimizer),
@@ -154,6 +164,9 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
     cond = np.asarray(tokenize(stage.tokenizer, prompts, stage.max_length), np.int32)
     checkpoints.save_tokenizer(workdir, stage.tokenizer)
     writer = MetricWriter(workdir)
+    writer.restart_at(start)
+    if not start:
+        writer.write(0, {"skipped_images": manifest.get("skipped", {}).get("train", 0)}, prefix="data/")
 
     def pipeline_params() -> dict[str, Any]:
         text = state.params["text_encoder"] if stage.task.train_text_encoder else frozen["text_encoder"]
@@ -161,7 +174,8 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
 
     def save(step: int) -> None:
         params = {**pipeline_params(), **({"ema_unet": state.ema["unet"]} if state.ema else {})}
-        saved = {"configs": stage.configs, "scale_factor": stage.models.scale_factor, "vae": stage.vae.reference}
+        saved = {"configs": stage.configs, "scale_factor": stage.models.scale_factor, "vae": stage.vae.reference,
+                 "nonfinite_skips": tracker.check(manager.latest_step())}
         checkpoints.save_train_step(manager, step, params, {"step": state.step, "opt_state": state.opt_state},
                                     saved)
 
@@ -178,34 +192,44 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
         writer.write_images(step, "samples", np.asarray(grid)[None])
 
     iterator = latents.LatentIterator(cache_folder(config, workdir), "train", batch_size, config["seed"],
-                                           start_step=start)
+                                      start_step=start)
     per_host = batch_size // jax.process_count()
     empty_rows = np.repeat(empty, per_host, 0)
     logged, started, timed_from = {}, time.time(), start
     bar = tqdm.tqdm(total=d["steps"], initial=start, desc="stage 2", disable=jax.process_index() != 0)
-    for step in range(start, d["steps"]):
-        batch = next(iterator)
-        batch = {"mean": batch["mean"], "logvar": batch["logvar"], "input_ids": batch["input_ids"],
-                 "empty_ids": empty_rows}
-        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), frozen, jax.random.fold_in(rng, 1))
-        done = step + 1
-        bar.update(1)
-        if done % d["log_every"] == 0 or done == d["steps"]:
-            elapsed = time.time() - started
-            rates = {"steps_per_sec": (done - timed_from) / elapsed,
-                     "images_per_sec": (done - timed_from) * batch_size / elapsed, "lr": schedule(step)}
-            logged = writer.write(done, {**metrics, **rates}, prefix="train/")
-            bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
-        if done % d["checkpoint_every"] == 0 or done == d["steps"]:
-            save(done)
-        if (d["sample_every"] and done % d["sample_every"] == 0) or done == d["steps"]:
-            sample_grid(done)
-        if done % d["log_every"] == 0:
-            started, timed_from = time.time(), done
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+    try:
+        for step in range(start, d["steps"]):
+            batch = next(iterator)
+            batch = {"mean": batch["mean"], "logvar": batch["logvar"], "input_ids": batch["input_ids"],
+                     "empty_ids": empty_rows}
+            state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), frozen, jax.random.fold_in(rng, 1))
+            done = step + 1
+            tracker.update(metrics.pop("nonfinite"), done)
+            bar.update(1)
+            last = done == d["steps"]
+            preempted = stop is not None and stop.should_stop(done)
+            if done % d["log_every"] == 0 or last or preempted:
+                elapsed = time.time() - started
+                rates = {"steps_per_sec": (done - timed_from) / elapsed,
+                         "images_per_sec": (done - timed_from) * batch_size / elapsed, "lr": schedule(step),
+                         "nonfinite_skips": tracker.check(manager.latest_step())}
+                logged = writer.write(done, {**metrics, **rates}, prefix="train/")
+                bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
+            if done % d["checkpoint_every"] == 0 or last or preempted:
+                save(done)
+            if d["sample_every"] >= 0 and ((d["sample_every"] and done % d["sample_every"] == 0) or last):
+                sample_grid(done)
+            if preempted:
+                logging.warning("stage 2: stopped at step %d of %d on %s; the same command resumes from there",
+                                done, d["steps"], stop.received or "the preemption notice")
+                break
+            if done % d["log_every"] == 0:
+                started, timed_from = time.time(), done
+    finally:  # also on errors: a save in flight completes, so the last checkpoint is whole
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
     return logged
 
 
