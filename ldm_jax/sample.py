@@ -12,6 +12,7 @@ Progress goes to stderr; the last line on stdout is the path written.
 """
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ _ATTENTION = flags.DEFINE_enum("attention-impl", "auto", list(ATTENTION_IMPLS),
                                "The attention kernel (ldm_jax/models/attention.py): cudnn on NVIDIA GPUs, pallas_tpu "
                                "on TPUs.")
 _OUT = flags.DEFINE_string("out", "grid.png", "Where to write the PNG grid.")
+flags.register_validator("guidance", math.isfinite, message="--guidance must be a finite number")
 flags.register_multi_flags_validator(
     ["pretrained", "checkpoint"], lambda values: (values["pretrained"] is None) != (values["checkpoint"] is None),
     message="give exactly one of --pretrained DIR or --checkpoint WORKDIR")

@@ -27,6 +27,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 
 from ldm_jax.models.clip import load_tokenizer
 from ldm_jax.pipeline import COMPONENTS, Pipeline, abstract_params, build_modules
@@ -58,6 +59,28 @@ def restore_train_step(manager: ocp.CheckpointManager, step: int, params: dict[s
     restore = ocp.args.PyTreeRestore(state, restore_args=ocp.checkpoint_utils.construct_restore_args(state))
     restored_state = manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))[STATE]
     return restored_params, restored_state
+
+
+def unfinished_saves(manager: ocp.CheckpointManager) -> list[str]:
+    """Names of the step folders whose save never finished (a process died while saving).
+
+    Orbax (0.12) writes step ``N`` as ``N.orbax-checkpoint-tmp/`` (each item in
+    its own ``<item>.orbax-checkpoint-tmp/`` inside), writes
+    ``commit_success.txt`` into it and only then renames it to ``N/``. A
+    process killed before the rename leaves the temporary folder: orbax never
+    lists it among the steps, so it is never restored, and the next save of
+    step ``N`` replaces it.
+    """
+    return sorted(path.get().name for path in ocp.path.step.all_temporary_paths(manager.directory))
+
+
+def resume_step(manager: ocp.CheckpointManager, stage: str) -> int:
+    """The latest complete step of ``manager`` (0 if none), logging any unfinished save that is passed over."""
+    unfinished = unfinished_saves(manager)
+    if unfinished:
+        logging.warning("%s: ignoring unfinished checkpoint save(s) %s in %s (the run died while saving); "
+                        "resuming from the latest complete step", stage, unfinished, manager.directory)
+    return manager.latest_step() or 0
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

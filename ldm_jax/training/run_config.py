@@ -31,7 +31,8 @@ import ml_collections
 from ldm_jax.data.config import data_config
 from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import REMAT_POLICIES
-from ldm_jax.parallel import MESH_DEFAULTS, check_mesh_config
+from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
+from ldm_jax.training.nonfinite import POLICIES
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS
 
 STAGES = ("autoencoder", "latents", "diffusion")
@@ -56,6 +57,7 @@ AUTOENCODER_DEFAULTS = dict(
     eval_examples=512,
     checkpoint_every=500,
     keep=3,
+    nan_policy="stop",       # a NaN/Inf loss or gradient: 'stop' (with an error naming the step) or 'skip' the update
 )
 
 # The latent cache: posterior moments (mean, logvar) per example, with token ids and captions.
@@ -79,10 +81,11 @@ DIFFUSION_DEFAULTS = dict(
     dtype="float32",         # compute dtype ('bfloat16' on accelerators); params, optimizer state and EMA stay float32
     remat_policy="none",     # U-Net activation rematerialization: none, full, dots_saveable,
                              # dots_with_no_batch_dims_saveable (ldm_jax/models/layers.py)
+    nan_policy="stop",       # a NaN/Inf loss or gradient: 'stop' (with an error naming the step) or 'skip' the update
     log_every=50,
     checkpoint_every=500,
     keep=3,
-    sample_every=500,        # 0: only at the end
+    sample_every=500,        # 0: only at the end; -1: never
     sample_prompts=("",),    # ('',) = the first 8 test-split captions for the built-in data
     sample_steps=25,
     sample_sampler="ddim",
@@ -146,7 +149,14 @@ def stages(config: Mapping[str, Any]) -> list[str]:
 
 
 def validate(config: Mapping[str, Any]) -> None:
-    """Check what can be checked before building anything; errors name the keys and values involved."""
+    """Check what can be checked before building anything; errors name the keys and values involved.
+
+    Raises KeyError for unknown keys, ValueError for values that cannot work
+    together (image size vs the VAE's factor, latent channels, text widths,
+    token lengths, dtypes, step counts, policies). Checks against the devices
+    are `check_devices`'s; checks of ``init_from`` / ``vae_from`` paths are
+    ``ldm_jax.training.sources.check_sources``'.
+    """
     unknown = sorted(set(config) - set(TOP_LEVEL))
     if unknown:
         raise KeyError(f"unknown config key(s) {unknown}; known keys: {sorted(TOP_LEVEL)}")
@@ -160,9 +170,9 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ValueError(f"image_size {config['image_size']} is not divisible by the VAE's downsampling factor "
                          f"{factor} (vae.block_out_channels has {len(config['vae']['block_out_channels'])} entries)")
     latent = config["vae"].get("latent_channels", 4)
-    if config["unet"].get("in_channels", 4) != latent:
-        raise ValueError(f"unet.in_channels {config['unet'].get('in_channels', 4)} differs from "
-                         f"vae.latent_channels {latent}")
+    for key in ("in_channels", "out_channels"):
+        if config["unet"].get(key, 4) != latent:
+            raise ValueError(f"unet.{key} {config['unet'].get(key, 4)} differs from vae.latent_channels {latent}")
     positions = config["text_encoder"]["max_position_embeddings"]
     if config["data"]["max_length"] > positions:
         raise ValueError(f"data.max_length {config['data']['max_length']} exceeds the text encoder's "
@@ -177,3 +187,43 @@ def validate(config: Mapping[str, Any]) -> None:
     if config["unet"]["cross_attention_dim"] != width:
         raise ValueError(f"unet.cross_attention_dim {config['unet']['cross_attention_dim']} differs from the text "
                          f"encoder's width text_encoder.hidden_size {width}")
+    for section in ("autoencoder", "diffusion"):
+        for key in ("steps", "log_every", "checkpoint_every", "keep"):
+            if config[section][key] < 1:
+                raise ValueError(f"{section}.{key} must be at least 1, got {config[section][key]}")
+        if config[section]["nan_policy"] not in POLICIES:
+            raise ValueError(f"{section}.nan_policy must be one of {POLICIES}, got "
+                             f"{config[section]['nan_policy']!r}")
+
+
+def batch_sizes(config: Mapping[str, Any]) -> dict[str, int]:
+    """The global batch size of each batched job the config's stages run, by the key that sets it."""
+    data = config["data"]["batch_size"]
+    names = stages(config)
+    sizes = {}
+    if "autoencoder" in names:
+        sizes["data.batch_size"] = data
+    if "latents" in names or "diffusion" in names:  # stage 2 builds a missing cache first
+        sizes["latents.batch_size" if config["latents"]["batch_size"] else "data.batch_size"] = (
+            config["latents"]["batch_size"] or data)
+    if "diffusion" in names:
+        sizes["diffusion.batch_size" if config["diffusion"]["batch_size"] else "data.batch_size"] = (
+            config["diffusion"]["batch_size"] or data)
+    return sizes
+
+
+def check_devices(config: Mapping[str, Any], device_count: int, process_count: int = 1) -> None:
+    """ValueError naming the key, the batch size and the mesh when a batch does not split over the devices.
+
+    Runs before anything is compiled: ``mesh`` must tile ``device_count``
+    devices, and every batch size must divide by the data-parallel size
+    (mesh data x fsdp) and by the number of processes.
+    """
+    shape = dict(zip(AXES, mesh_shape(dict(config["mesh"]), device_count)))
+    parallel_size = shape["data"] * shape["fsdp"]
+    for key, size in batch_sizes(config).items():
+        if size % parallel_size:
+            raise ValueError(f"{key} {size} is not divisible by the data-parallel size {parallel_size} (mesh "
+                             f"{shape} over {device_count} devices: data x fsdp)")
+        if size % process_count:
+            raise ValueError(f"{key} {size} is not divisible by the {process_count} processes")
