@@ -30,6 +30,7 @@ every device, since fsdp only chooses where bytes live.
 
 import math
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -134,6 +135,17 @@ def device_grid(mesh_config: Mapping[str, Any], devices: Sequence[Any]) -> np.nd
         raise ValueError(f"mesh.dcn_data * mesh.dcn_fsdp = {dcn[0]} * {dcn[1]} = {math.prod(dcn)}, but the devices "
                          f"span {slices} slice(s) and {processes} process(es)")
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=slices == 1)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=1,fsdp=8' -> {'data': 1, 'fsdp': 8}; ValueError naming a malformed item."""
+    sizes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = re.fullmatch(r"(\w+)=(-?\d+)", item)
+        if not match:
+            raise ValueError(f"mesh item {item!r} is not NAME=SIZE (e.g. data=2,fsdp=4)")
+        sizes[match.group(1)] = int(match.group(2))
+    return sizes
 
 
 def make_mesh(mesh_config: Mapping[str, Any] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
