@@ -78,17 +78,22 @@ def test_parameters_that_do_not_fit_the_mesh_fail_before_compiling():
     """Shapes from eval_shape against the logical shardings: the error names the parameter and the sizes."""
     task, configs, _ = worker.setup()
     abstract = abstract_params(task.unet, "unet", configs["unet"])
-    for mesh, message in ((dict(tensor=3), r"57 of the parameters do not fit the mesh \{'data': 2, 'fsdp': 1, "
-                           r"'tensor': 3\}: .*attn1/to_k/kernel \(32, 32\): dimension 1 \('heads' -> mesh "
-                           r"tensor=3\) has size 32, not divisible by 3"),
-                          (dict(fsdp=3), r"conv_in/kernel \(3, 3, 4, 32\): dimension 3 \('conv_out' -> mesh "
-                           r"fsdp=3\) has size 32, not divisible by 3")):
-        with pytest.raises(ValueError, match=message):
-            parallel.logical_shardings(abstract, parallel.make_mesh({"data": -1, **mesh}, jax.devices()[:6]))
-    # Smaller than fsdp: kept whole (U-Net conv_out has 4 channels); everything else is split.
-    shardings = parallel.logical_shardings(abstract, parallel.make_mesh(dict(data=1, fsdp=8)))
+    with pytest.raises(ValueError, match=r"57 of the parameters do not fit the mesh \{'data': 2, 'fsdp': 1, "
+                       r"'tensor': 3\}: .*attn1/to_k/kernel \(32, 32\): dimension 1 \('heads' -> mesh "
+                       r"tensor=3\) has size 32, not divisible by 3"):
+        parallel.logical_shardings(abstract, parallel.make_mesh(dict(data=-1, tensor=3), jax.devices()[:6]))
+    # fsdp: a small parameter whose dimension does not divide stays whole (U-Net conv_out: 4 channels, 4.5 KiB;
+    # SD's is 45 KiB); a large one is an error.
+    fsdp3 = parallel.make_mesh(dict(data=-1, fsdp=3), jax.devices()[:6])
+    shardings = parallel.logical_shardings(abstract, fsdp3)
     assert shardings["conv_out"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, None)
-    assert shardings["conv_in"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    large = {"proj": {"kernel": flax.linen.LogicallyPartitioned(jax.ShapeDtypeStruct((512, 1024), np.float32),
+                                                                 ("embed", "mlp"))}}
+    with pytest.raises(ValueError, match=r"proj/kernel \(512, 1024\): dimension 0 \('embed' -> mesh fsdp=3\) has "
+                       r"size 512, not divisible by 3"):
+        parallel.logical_shardings(large, fsdp3)
+    fsdp8 = parallel.logical_shardings(abstract, parallel.make_mesh(dict(data=1, fsdp=8)))
+    assert fsdp8["conv_in"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
 
 
 def _per_device_bytes(tree) -> dict[int, int]:
@@ -229,8 +234,10 @@ def test_stage1_step_runs_sharded_like_one_device():
     (sharded, m1), (ref, m2) = results
     assert m1.keys() == m2.keys() and all(np.isfinite(list(m1.values())))
     np.testing.assert_allclose([m1[k] for k in sorted(m1)], [m2[k] for k in sorted(m2)], rtol=1e-5, atol=1e-6)
+    # One stage-1 step (Adam eps 1e-3) moves parameters by up to ~1e-3; a sharded reduction order moved one
+    # element of 2,304 by 1.2e-6 in CI, so this step gets 5e-6 (still 200x below the update size).
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=0)
+        np.testing.assert_allclose(a, b, atol=5e-6, rtol=0)
 
 
 def _vae_params(module: AutoencoderKL) -> dict:
