@@ -18,7 +18,7 @@ Measured, side by side:
 
 Each framework runs in its own subprocess, ldm_jax first, so neither holds
 GPU memory the other needs. Everything, compiles included, fits in
-``--budget-s`` (default 570 s): a part that would start too late is skipped
+``--budget-s`` (default 560 s): a part that would start too late is skipped
 and says so. Run from the repository root::
 
   python -m bench.gpu_bench --out results.json                    # SD 1.5 on the GPU, ~9 minutes on an H100
@@ -414,7 +414,7 @@ def run_worker(framework: str, args, deadline: float) -> dict:
         # The worker is the only process on the accelerator: let JAX take 90% of its memory instead of 75%.
         env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9", **os.environ}
         try:
-            code = subprocess.run(command, cwd=REPO, env=env, timeout=max(deadline - time.time(), 1) + 30).returncode
+            code = subprocess.run(command, cwd=REPO, env=env, timeout=max(deadline - time.time(), 1) + 10).returncode
         except subprocess.TimeoutExpired:
             code = "killed at the time budget"
         record = {"framework": framework}
@@ -490,7 +490,7 @@ def main(argv=None) -> dict:
                         help="ldm_jax's attention kernel (default: cudnn on a GPU, auto elsewhere)")
     parser.add_argument("--remat-policy", default="none")
     parser.add_argument("--torch-dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    parser.add_argument("--budget-s", type=float, default=570.0, help="wall-clock budget for everything")
+    parser.add_argument("--budget-s", type=float, default=560.0, help="wall-clock budget for everything")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--worker", choices=("jax", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)

@@ -21,7 +21,7 @@ from ldm_jax.models.clip import CLIPTextModel
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
 from ldm_jax.train import run
-from ldm_jax.training import checkpoints
+from ldm_jax.training import checkpoints, diffusion_loop
 from ldm_jax.training.diffusion_step import DiffusionTask, diffusion_loss, drop_captions
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
@@ -198,3 +198,16 @@ def test_logged_metrics_are_the_values_of_their_steps(chain, tmp_path):
     for record in logged:
         for key in ("train/loss", "train/mse", "train/weight", "train/grad_norm", "train/lr"):
             assert record[key] == every_step[record["step"]][key], (record["step"], key)
+
+
+def test_run_config_speed_settings_reach_the_stage_2_modules(chain):
+    """attention_impl reaches the U-Net, the text encoder and the sampling VAE; remat_policy the U-Net; bfloat16
+    the compute dtype. No params change: stage 2 builds its modules from the same configs."""
+    _, workdir, data_dir = chain
+    config = _config(data_dir, stages="diffusion", attention_impl="xla",
+                     diffusion={**_DIFFUSION, "remat_policy": "full", "dtype": "bfloat16"})
+    stage, _ = diffusion_loop.setup(config, workdir)
+    for module in (stage.task.unet, stage.task.text_encoder, stage.models.unet, stage.models.vae):
+        assert module.attention_impl == "xla" and module.dtype == jnp.bfloat16
+    assert stage.task.unet.remat_policy == "full"
+    assert stage.configs["unet"] == config.unet.to_dict()  # the saved diffusers config holds neither setting
