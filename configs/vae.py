@@ -5,7 +5,7 @@ r"""Stage 1 only: the base run's f=4 AutoencoderKL on the built-in ldm_shapes da
 Writes ``WORKDIR/autoencoder/checkpoints/<step>`` (VAE + discriminator +
 optimizer states, the latent scale factor, test PSNR) and metrics
 (``metrics.jsonl``, TensorBoard). The settings are configs/base.py's stage 1
-(L1 + KL, then the PatchGAN from ``disc_start``); cost and PSNR on a 2-core
+(L1 + KL, then the PatchGAN from ``disc_start``) at batch 16; cost and PSNR on a 2-core
 CPU: see README "Results" (configs/base.py's own stage 1 stops before the GAN, for time). Perceptual loss: set ``--config.autoencoder.lpips=DIR``
 (VGG16 + lpips heads as safetensors, see ldm_jax/training/autoencoder_loop.py);
 without it the loss is L1 + KL + GAN, and the log says so.
@@ -23,4 +23,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     with config.unlocked():
         config.stages = "autoencoder"
         config.workdir = "runs/vae_quick" if arg == "quick" else "runs/vae"
+        if arg != "quick":
+            config.data.batch_size = 16  # the batch of README's stage-1 GAN row
     return config

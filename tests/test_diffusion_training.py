@@ -16,13 +16,14 @@ from PIL import Image
 
 from configs import sd15
 from ldm_jax.data import latents, shapes
+from ldm_jax.diffusion import schedule as sched
 from ldm_jax.diffusion.sampling import sample_fn
 from ldm_jax.models.clip import CLIPTextModel
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
 from ldm_jax.train import run
 from ldm_jax.training import checkpoints, diffusion_loop
-from ldm_jax.training.diffusion_step import DiffusionTask, diffusion_loss, drop_captions
+from ldm_jax.training.diffusion_step import DiffusionTask, diffusion_loss, drop_captions, loss_weights
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
 
@@ -211,3 +212,14 @@ def test_run_config_speed_settings_reach_the_stage_2_modules(chain):
         assert module.attention_impl == "xla" and module.dtype == jnp.bfloat16
     assert stage.task.unet.remat_policy == "full"
     assert stage.configs["unet"] == config.unet.to_dict()  # the saved diffusers config holds neither setting
+
+
+@pytest.mark.parametrize("prediction_type,limit", [("epsilon", 1.0), ("v_prediction", 0.0)])
+def test_min_snr_weights_at_a_zero_terminal_snr_are_their_limits(prediction_type, limit):
+    """min(snr, 5) / snr -> 1 and min(snr, 5) / (snr + 1) -> 0 as snr -> 0: finite at t = T, not 0 / 0."""
+    config = {**sd15.SD_SCHEDULER, "prediction_type": prediction_type, "rescale_betas_zero_snr": True}
+    schedule = sched.NoiseSchedule.from_config(config)
+    weights = np.asarray(loss_weights(schedule, jnp.asarray([0, 500, 999]), 5.0))
+    assert np.isfinite(weights).all()
+    assert weights[2] == limit
+    assert 0.0 < weights[1] <= 1.0

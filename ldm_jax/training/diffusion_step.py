@@ -50,13 +50,20 @@ class DiffusionTask:
 
 
 def loss_weights(schedule: sched.NoiseSchedule, t: jax.Array, gamma: float) -> jax.Array:
-    """Min-SNR-gamma weights [B] expressed for the schedule's prediction type (1 when ``gamma`` is 0)."""
+    """Min-SNR-gamma weights [B] expressed for the schedule's prediction type (1 when ``gamma`` is 0).
+
+    As x0-space weights these are ``min(snr, gamma)``: near zero at high
+    noise, where the layout of an image is decided (with v-prediction on
+    configs/base.py this kept position at chance: README "Results"). At a
+    zero terminal SNR (``rescale_betas_zero_snr``) the epsilon weight is its
+    limit, 1, not 0 / 0.
+    """
     if gamma <= 0:
         return jnp.ones(t.shape, jnp.float32)
     snr = sched.snr(schedule, t)
     clipped = jnp.minimum(snr, gamma)
     if schedule.prediction_type == "epsilon":
-        return clipped / snr
+        return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
     if schedule.prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     return clipped
