@@ -23,9 +23,11 @@ The ``mesh`` section of a config::
 Parameter shardings are checked against the parameters' shapes before
 anything is compiled (`logical_shardings`): a dimension that its mesh axes do
 not divide is an error naming the parameter and the sizes, with one
-exception: a dimension mapped to 'fsdp' alone that is *smaller* than the fsdp
-size (the 3- or 4-channel convolutions at a model's ends) stays whole on
-every device, since fsdp only chooses where bytes live.
+exception: a parameter of at most ``FSDP_WHOLE_BYTES`` whose dimension
+mapped to 'fsdp' alone does not divide (the 3- or 4-channel convolutions at a
+model's ends) stays whole on every device, since fsdp only chooses where
+bytes live and these few bytes do not matter (big_vision's fsdp keeps small
+parameters whole for the same reason).
 """
 
 import math
@@ -62,6 +64,7 @@ LOGICAL_AXIS_RULES = (
     ("group", None),
 )
 MAX_LISTED = 8  # offending parameters named in one error
+FSDP_WHOLE_BYTES = 2**20  # a parameter up to this size whose fsdp dimension does not divide stays whole
 
 
 def check_mesh_config(mesh_config: Mapping[str, Any]) -> None:
@@ -181,17 +184,18 @@ def _is_boxed(x: Any) -> bool:
 
 def _resolve(path: str, leaf: Any, mesh: Mesh, rules: Any, problems: list[str],
              whole: list[str]) -> NamedSharding:
-    """One leaf's sharding; a dimension its mesh axes do not divide is replicated (fsdp, smaller) or reported."""
+    """One leaf's sharding; a dimension its mesh axes do not divide is kept whole (fsdp, small) or reported."""
     if not _is_boxed(leaf):
         return NamedSharding(mesh, P())
     shape = leaf.value.shape
+    nbytes = math.prod(shape) * np.dtype(leaf.value.dtype).itemsize
     spec = list(nn.logical_to_mesh_axes(leaf.names, rules))
     for dim, (size, axes, logical) in enumerate(zip(shape, spec, leaf.names)):
         names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         ways = math.prod(mesh.shape[a] for a in names)
         if size % ways == 0:
             continue
-        if names == ("fsdp",) and size < ways:
+        if names == ("fsdp",) and nbytes <= FSDP_WHOLE_BYTES:
             spec[dim] = None
             whole.append(path)
             continue
@@ -218,8 +222,8 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES, 
                                                       if len(problems) > MAX_LISTED else "")
         raise ValueError(f"{len(problems)} of the {what} do not fit the mesh {dict(mesh.shape)}: {listed}")
     if whole:
-        logging.info("%d %s have dimensions smaller than fsdp=%d and stay whole on every device, e.g. %s",
-                     len(whole), what, mesh.shape["fsdp"], whole[0])
+        logging.info("%d small %s have a dimension that fsdp=%d does not divide and stay whole on every device, "
+                     "e.g. %s", len(whole), what, mesh.shape["fsdp"], whole[0])
     return jax.tree_util.tree_unflatten(treedef, shardings)
 
 

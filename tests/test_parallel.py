@@ -78,17 +78,22 @@ def test_parameters_that_do_not_fit_the_mesh_fail_before_compiling():
     """Shapes from eval_shape against the logical shardings: the error names the parameter and the sizes."""
     task, configs, _ = worker.setup()
     abstract = abstract_params(task.unet, "unet", configs["unet"])
-    for mesh, message in ((dict(tensor=3), r"57 of the parameters do not fit the mesh \{'data': 2, 'fsdp': 1, "
-                           r"'tensor': 3\}: .*attn1/to_k/kernel \(32, 32\): dimension 1 \('heads' -> mesh "
-                           r"tensor=3\) has size 32, not divisible by 3"),
-                          (dict(fsdp=3), r"conv_in/kernel \(3, 3, 4, 32\): dimension 3 \('conv_out' -> mesh "
-                           r"fsdp=3\) has size 32, not divisible by 3")):
-        with pytest.raises(ValueError, match=message):
-            parallel.logical_shardings(abstract, parallel.make_mesh({"data": -1, **mesh}, jax.devices()[:6]))
-    # Smaller than fsdp: kept whole (U-Net conv_out has 4 channels); everything else is split.
-    shardings = parallel.logical_shardings(abstract, parallel.make_mesh(dict(data=1, fsdp=8)))
+    with pytest.raises(ValueError, match=r"57 of the parameters do not fit the mesh \{'data': 2, 'fsdp': 1, "
+                       r"'tensor': 3\}: .*attn1/to_k/kernel \(32, 32\): dimension 1 \('heads' -> mesh "
+                       r"tensor=3\) has size 32, not divisible by 3"):
+        parallel.logical_shardings(abstract, parallel.make_mesh(dict(data=-1, tensor=3), jax.devices()[:6]))
+    # fsdp: a small parameter whose dimension does not divide stays whole (U-Net conv_out: 4 channels, 4.5 KiB;
+    # SD's is 45 KiB); a large one is an error.
+    fsdp3 = parallel.make_mesh(dict(data=-1, fsdp=3), jax.devices()[:6])
+    shardings = parallel.logical_shardings(abstract, fsdp3)
     assert shardings["conv_out"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, None)
-    assert shardings["conv_in"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    large = {"proj": {"kernel": flax.linen.LogicallyPartitioned(jax.ShapeDtypeStruct((512, 1024), np.float32),
+                                                                 ("embed", "mlp"))}}
+    with pytest.raises(ValueError, match=r"proj/kernel \(512, 1024\): dimension 0 \('embed' -> mesh fsdp=3\) has "
+                       r"size 512, not divisible by 3"):
+        parallel.logical_shardings(large, fsdp3)
+    fsdp8 = parallel.logical_shardings(abstract, parallel.make_mesh(dict(data=1, fsdp=8)))
+    assert fsdp8["conv_in"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
 
 
 def _per_device_bytes(tree) -> dict[int, int]:
@@ -209,28 +214,24 @@ def _images(n: int, size: int = 8) -> np.ndarray:
     return np.random.default_rng(3).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
 
 
-def test_stage1_step_runs_sharded_like_one_device():
+def test_stage1_step_runs_sharded():
+    """The stage-1 state is born sharded on data=2,fsdp=2,tensor=2 and one jitted step (AE + discriminator) runs."""
     loss_cfg = AutoencoderLossConfig(vae=AutoencoderKL.from_diffusers_config(MICRO_VAE),
                                      discriminator=NLayerDiscriminator(ndf=8, n_layers=1), disc_start=0)
-    optimizers = {name: make_optimizer(dict(learning_rate=1e-3, eps=1e-3), 1) for name in autoencoder_step.MODELS}
+    optimizers = {name: make_optimizer(dict(learning_rate=1e-3), 1) for name in autoencoder_step.MODELS}
     init = lambda rng: autoencoder_step.init_state(loss_cfg, optimizers, rng, (8, 8, 3))
     mesh = parallel.make_mesh(SHARDED)
     state, shardings = parallel.sharded_init(init, mesh, jax.random.key(0))
-    assert not state.params["vae"]["encoder"]["conv_in"]["kernel"].sharding.is_fully_replicated
-    single = parallel.make_mesh({}, jax.devices()[:1])
-    single_shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(single, s.spec), shardings)
-    copy = jax.device_put(jax.tree.map(np.asarray, state), single_shardings)
-    batch = {"image": _images(8)}
-    results = []
-    for m, s, st in ((mesh, shardings, state), (single, single_shardings, copy)):
-        step = autoencoder_loop.jit_train_step(loss_cfg, optimizers, m, s)
-        new, metrics = step(st, parallel.shard_batch(batch, m), None, jax.random.key(1))
-        results.append((jax.tree.map(np.asarray, new.params), {k: float(v) for k, v in metrics.items()}))
-    (sharded, m1), (ref, m2) = results
-    assert m1.keys() == m2.keys() and all(np.isfinite(list(m1.values())))
-    np.testing.assert_allclose([m1[k] for k in sorted(m1)], [m2[k] for k in sorted(m2)], rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=0)
+    vae = state.params["vae"]
+    assert vae["encoder"]["conv_in"]["kernel"].sharding.shard_shape((3, 3, 3, 16)) == (3, 3, 3, 8)
+    assert vae["decoder"]["conv_out"]["kernel"].sharding.is_fully_replicated  # 3 channels, 1.7 KiB: kept whole
+    before = np.asarray(vae["encoder"]["conv_in"]["kernel"])
+    step = autoencoder_loop.jit_train_step(loss_cfg, optimizers, mesh, shardings)
+    state, metrics = step(state, parallel.shard_batch({"image": _images(8)}, mesh), None, jax.random.key(1))
+    assert all(np.isfinite(float(v)) for v in metrics.values()) and float(metrics["disc_loss"]) > 0
+    after = state.params["vae"]["encoder"]["conv_in"]["kernel"]
+    assert after.sharding == shardings.params["vae"]["encoder"]["conv_in"]["kernel"]
+    assert np.abs(np.asarray(after) - before).max() > 1e-4
 
 
 def _vae_params(module: AutoencoderKL) -> dict:
