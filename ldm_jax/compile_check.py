@@ -21,12 +21,13 @@ run config (configs/base.py) its own ``diffusion`` and ``mesh`` sections.
 """
 
 import os
-import re
 import time
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from ldm_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model or run config file (configs/*.py[:variant]).")
 _MESH = flags.DEFINE_string("mesh", None, "Mesh sizes, e.g. 'data=1,fsdp=8,tensor=1' (default: the config's "
@@ -39,17 +40,6 @@ _FROZEN = flags.DEFINE_enum("frozen", None, ["shard", "replicate"],
                             "Layout of the frozen text encoder (default: the config's mesh.frozen, else shard).")
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=1,fsdp=8' -> {'data': 1, 'fsdp': 8}; ValueError naming a malformed item."""
-    sizes = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        match = re.fullmatch(r"(\w+)=(-?\d+)", item)
-        if not match:
-            raise ValueError(f"--mesh item {item!r} is not NAME=SIZE (e.g. --mesh data=2,fsdp=4)")
-        sizes[match.group(1)] = int(match.group(2))
-    return sizes
 
 
 def use_fake_cpu_devices(count: int) -> None:
@@ -75,7 +65,7 @@ def main(argv: list[str]) -> None:
     use_fake_cpu_devices(_DEVICES.value)
     from ldm_jax.training import compile_cost  # after the device count is fixed
     config = _CONFIG.value
-    mesh_config = parse_mesh(_MESH.value) if _MESH.value is not None else dict(config.get("mesh", {}))
+    mesh_config = parallel.parse_mesh(_MESH.value) if _MESH.value is not None else dict(config.get("mesh", {}))
     if _FROZEN.value:
         mesh_config["frozen"] = _FROZEN.value
     started = time.time()

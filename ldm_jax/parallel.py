@@ -32,6 +32,7 @@ parameters whole for the same reason).
 
 import math
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -139,6 +140,17 @@ def device_grid(mesh_config: Mapping[str, Any], devices: Sequence[Any]) -> np.nd
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=slices == 1)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=1,fsdp=8' -> {'data': 1, 'fsdp': 8}; ValueError naming a malformed item."""
+    sizes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = re.fullmatch(r"(\w+)=(-?\d+)", item)
+        if not match:
+            raise ValueError(f"mesh item {item!r} is not NAME=SIZE (e.g. data=2,fsdp=4)")
+        sizes[match.group(1)] = int(match.group(2))
+    return sizes
+
+
 def make_mesh(mesh_config: Mapping[str, Any] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """A ``Mesh`` with axes ``AXES`` over ``devices`` (default: all), sized by ``mesh_config`` (default: all data)."""
     devices = jax.devices() if devices is None else list(devices)
@@ -166,6 +178,11 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
     if batch_size % size:
         raise ValueError(f"batch size {batch_size} is not divisible by the data-parallel size {size} "
                          f"(mesh {dict(mesh.shape)})")
+
+
+def host_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[start, stop) of host ``process_index``'s contiguous share of ``num_examples`` (sizes differ by <= 1)."""
+    return num_examples * process_index // process_count, num_examples * (process_index + 1) // process_count
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from configs import tiny
-from ldm_jax.compile_check import parse_mesh
+from ldm_jax.parallel import parse_mesh
 from ldm_jax.training import compile_cost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,5 +65,5 @@ def test_configs_that_cannot_work_fail_before_compiling(mesh, batch, message, mo
 
 def test_parse_mesh():
     assert parse_mesh("data=2, fsdp=4,tensor=1") == {"data": 2, "fsdp": 4, "tensor": 1}
-    with pytest.raises(ValueError, match="--mesh item 'fsdp:4' is not NAME=SIZE"):
+    with pytest.raises(ValueError, match="mesh item .fsdp:4. is not NAME=SIZE"):
         parse_mesh("data=2,fsdp:4")

@@ -22,7 +22,7 @@ from configs import data_example
 from ldm_jax.data import shapes
 from ldm_jax.data.config import DEFAULTS, data_config
 from ldm_jax.data.pipeline import make_iterator, preprocess
-from ldm_jax.models.clip import load_tokenizer
+from ldm_jax.models.clip import load_tokenizer, tokenize
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
 
@@ -246,6 +246,77 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     assert iterator.skipped == (str(tmp_path / "b.png"),)
     batch = next(iterator)
     assert sorted(batch["index"]) == [0, 2] and sorted(c.decode() for c in batch["caption"]) == ["a.png", "c.png"]
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_every_colour_mode_is_converted_and_broken_files_are_skipped(tmp_path):
+    """Grey, grey + alpha, RGBA (over white), palette, 16-bit grey, CMYK JPEG: RGB images; corrupt, truncated and
+    zero-byte files: skipped, listed and warned about, the rest of the folder still read."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    alpha = np.tile(np.linspace(0, 255, 16).astype(np.uint8), (16, 1))
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    over_white = rgb * (alpha[..., None] / 255.0) + 255.0 * (1 - alpha[..., None] / 255.0)
+    good = {  # file -> (image, the RGB the pipeline must give, tolerance)
+        "rgb.png": (Image.fromarray(rgb), rgb, 0),
+        "grey.png": (Image.fromarray(grey), np.repeat(grey[..., None], 3, -1), 0),
+        "grey_alpha.png": (Image.fromarray(np.dstack([grey, alpha]), "LA"),
+                           grey[..., None] * (alpha[..., None] / 255.0) + 255.0 * (1 - alpha[..., None] / 255.0), 1),
+        "rgba.png": (rgba, over_white, 1),
+        "palette.png": (Image.fromarray(rgb).convert("P"), np.asarray(Image.fromarray(rgb).convert("P").convert("RGB")),
+                        0),
+        "grey16.png": (Image.fromarray(grey.astype(np.uint16) * 257), np.repeat(grey[..., None], 3, -1), 0),
+        "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), None, 3),  # compared with PIL's decoding below
+    }
+    for name, (image, _, _) in good.items():
+        image.save(tmp_path / name)
+    cmyk = np.asarray(Image.open(tmp_path / "cmyk.jpg").convert("RGB"))
+    png = (tmp_path / "rgb.png").read_bytes()
+    broken = {"corrupt.png": b"\x89PNG\r\n\x1a\n not a png", "truncated.png": png[:len(png) // 2],
+              "truncated.jpg": _encoded(Image.fromarray(rgb), "JPEG")[:150], "zero.png": b""}
+    for name, content in broken.items():
+        (tmp_path / name).write_bytes(content)
+    names = sorted(good) + sorted(broken)
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        f.writelines(json.dumps({"file": n, "caption": n}) + "\n" for n in names)
+    with pytest.warns(UserWarning) as caught:
+        iterator = make_iterator(_folder_data(tmp_path, image_size=16, batch_size=1), num_epochs=1, shuffle=False)
+    assert sorted(os.path.basename(p) for p in iterator.skipped) == sorted(broken)
+    assert {os.path.basename(str(w.message).split()[-1]) for w in caught} >= set(broken)
+    decoded = {b["caption"][0].decode(): np.round((b["image"][0] + 1) * 127.5) for b in iterator}
+    assert sorted(decoded) == sorted(good)
+    for name, (_, expected, tolerance) in good.items():
+        expected = cmyk if expected is None else expected
+        assert np.abs(decoded[name] - expected).max() <= tolerance, name
+
+
+def test_empty_captions_are_allowed(tmp_path, tokenizer_dir):
+    for name in ["a.png", "b.png", "c.png"]:
+        _write_image(tmp_path / name)
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        f.writelines(json.dumps({"file": n, "caption": c}) + "\n"
+                     for n, c in [("a.png", ""), ("b.png", None), ("c.png", "a red circle")])
+    batch = next(make_iterator(_folder_data(tmp_path, batch_size=3, tokenizer=tokenizer_dir), num_epochs=1,
+                               shuffle=False))
+    assert [c.decode() for c in batch["caption"]] == ["", "", "a red circle"]
+    empty = tokenize(load_tokenizer(tokenizer_dir), [""], 16)[0]
+    np.testing.assert_array_equal(batch["input_ids"][0], empty)
+    np.testing.assert_array_equal(batch["input_ids"][1], empty)
+
+
+def test_a_folder_without_a_readable_image_is_a_clear_error(tmp_path):
+    for name in ["a.png", "b.jpg"]:
+        (tmp_path / name).write_bytes(b"")
+        (tmp_path / name).with_suffix(".txt").write_text("caption")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"no readable image in .*: all 2 listed images "
+                                                                    r"of this host's share failed to decode"):
+        make_iterator(_folder_data(tmp_path))
 
 
 # -------------------------------------------------------------------------------------------- preprocessing

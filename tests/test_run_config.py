@@ -1,16 +1,25 @@
-"""The run config: defaults, locking, and errors that name the values involved, before anything is built."""
+"""The run config: defaults, locking, and errors that name the values involved, before anything is built;
+a property-based test of the validator; init_from / vae_from paths of the wrong kind."""
 
+import json
+import os
+import re
+
+import numpy as np
 import pytest
+import safetensors.numpy
+from hypothesis import given, settings, strategies as st
 
 from configs import base, vae
-from ldm_jax import parallel
-from ldm_jax.training import run_config
+from ldm_jax import parallel, train
+from ldm_jax.training import checkpoints, run_config
+from ldm_jax.training import sources as sources_lib
 
 
 def _sections(**changes):
     config = base.get_config("quick").to_dict()
     sections = {k: config[k] for k in ("unet", "vae", "text_encoder", "scheduler", "data", "workdir",
-                                       "autoencoder", "diffusion")}
+                                       "autoencoder", "diffusion", "latents", "mesh")}
     sections.update(changes)
     return sections
 
@@ -71,3 +80,177 @@ def test_batch_must_split_over_the_data_parallel_axes():
     parallel.check_batch(8, mesh)
     with pytest.raises(ValueError, match="batch size 6 is not divisible by the data-parallel size 4"):
         parallel.check_batch(6, mesh)
+
+
+# ----------------------------------------------------------------------------------- property-based: the validator
+
+_SIZES = st.fixed_dictionaries({
+    "image_size": st.integers(8, 96), "data_image_size": st.one_of(st.none(), st.integers(8, 96)),
+    "vae_levels": st.integers(1, 4), "latent": st.integers(1, 8), "unet_in": st.integers(1, 8),
+    "unet_out": st.integers(1, 8), "context": st.sampled_from([16, 32, 64]), "width": st.sampled_from([16, 32, 64]),
+    "positions": st.integers(4, 77), "max_length": st.integers(0, 80),
+    "dtype": st.sampled_from(["float32", "bfloat16", "float16", "float8"]),
+    "nan_policy": st.sampled_from(["stop", "skip", "ignore"]), "steps": st.integers(0, 3),
+    "checkpoint_every": st.integers(0, 3), "unknown_key": st.booleans(),
+    "data_batch": st.integers(1, 48), "diffusion_batch": st.integers(0, 48), "latents_batch": st.integers(0, 48),
+    "devices": st.sampled_from([1, 2, 4, 8]), "fsdp": st.sampled_from([1, 2]),
+})
+
+
+def _violations(v: dict) -> list[str]:
+    """The messages (regexes) a validator must choose from for these values; [] when they are consistent."""
+    found = []
+    size = v["image_size"]
+    data_size = size if v["data_image_size"] is None else v["data_image_size"]
+    factor = 2 ** (v["vae_levels"] - 1)
+    if v["unknown_key"]:
+        found.append(r"unknown diffusion config key\(s\) \['stepz'\]")
+    if size != data_size:
+        found.append(f"image_size {size} differs from data.image_size {data_size}")
+    if size % factor:
+        found.append(f"image_size {size} is not divisible by the VAE's downsampling factor {factor}")
+    for key in ("in", "out"):
+        if v[f"unet_{key}"] != v["latent"]:
+            found.append(f"unet.{key}_channels {v[f'unet_{key}']} differs from vae.latent_channels {v['latent']}")
+    if v["max_length"] > v["positions"]:
+        found.append(f"data.max_length {v['max_length']} exceeds the text encoder's "
+                     f"text_encoder.max_position_embeddings {v['positions']}")
+    if v["dtype"] == "float8":
+        found.append("diffusion.dtype must be float32, bfloat16 or float16, got 'float8'")
+    if v["context"] != v["width"]:
+        found.append(f"unet.cross_attention_dim {v['context']} differs from the text encoder's width "
+                     f"text_encoder.hidden_size {v['width']}")
+    for key in ("steps", "checkpoint_every"):
+        if v[key] < 1:
+            found.append(f"diffusion.{key} must be at least 1, got {v[key]}")
+    if v["nan_policy"] == "ignore":
+        found.append(r"diffusion.nan_policy must be one of \('stop', 'skip'\), got 'ignore'")
+    return found
+
+
+def _device_violations(v: dict) -> list[str]:
+    """The batch-vs-mesh messages for a config that passed `validate`."""
+    if v["devices"] % v["fsdp"]:
+        return [f"{v['devices']} devices are not divisible by the fixed axes' product {v['fsdp']}"]
+    parallel_size = v["devices"]  # data = devices / fsdp, times fsdp
+    batches = {"data.batch_size": v["data_batch"],
+               "latents.batch_size" if v["latents_batch"] else "data.batch_size": v["latents_batch"] or v["data_batch"],
+               "diffusion.batch_size" if v["diffusion_batch"] else "data.batch_size":
+                   v["diffusion_batch"] or v["data_batch"]}
+    return [f"{key} {size} is not divisible by the data-parallel size {parallel_size}"
+            for key, size in batches.items() if size % parallel_size]
+
+
+@settings(max_examples=150, deadline=None)
+@given(_SIZES)
+def test_validator_accepts_exactly_the_consistent_configs(v):
+    """Random model, data, training and mesh values: an error iff a rule is broken, naming the values involved."""
+    levels = v["vae_levels"]
+    vae = {**base.VAE, "block_out_channels": (16,) * levels, "down_block_types": ("DownEncoderBlock2D",) * levels,
+           "up_block_types": ("UpDecoderBlock2D",) * levels, "latent_channels": v["latent"]}
+    unet = {**base.UNET, "in_channels": v["unet_in"], "out_channels": v["unet_out"],
+            "cross_attention_dim": v["context"]}
+    text = {**base.TEXT_ENCODER, "hidden_size": v["width"], "max_position_embeddings": v["positions"]}
+    data = dict(source="shapes", max_length=v["max_length"], batch_size=v["data_batch"],
+                image_size=v["image_size"] if v["data_image_size"] is None else v["data_image_size"])
+    diffusion = dict(dtype=v["dtype"], nan_policy=v["nan_policy"], steps=v["steps"],
+                     checkpoint_every=v["checkpoint_every"], batch_size=v["diffusion_batch"],
+                     **({"stepz": 1} if v["unknown_key"] else {}))
+    sections = _sections(unet=unet, vae=vae, text_encoder=text, data=data, image_size=v["image_size"],
+                         diffusion=diffusion, latents=dict(batch_size=v["latents_batch"]),
+                         mesh=dict(data=-1, fsdp=v["fsdp"]))
+    expected = _violations(v)
+    if expected:
+        with pytest.raises((KeyError, ValueError)) as error:
+            run_config.run_config(**sections)
+        assert any(re.search(message, str(error.value)) for message in expected), (str(error.value), expected)
+        return
+    config = run_config.run_config(**sections)
+    expected = _device_violations(v)
+    if expected:
+        with pytest.raises(ValueError) as error:
+            run_config.check_devices(config, v["devices"])
+        assert any(re.search(message, str(error.value)) for message in expected), (str(error.value), expected)
+    else:
+        run_config.check_devices(config, v["devices"])
+
+
+# ------------------------------------------------------------------------------- init_from / vae_from: their kinds
+
+
+def _orbax_run(folder: str, models: list[str]) -> str:
+    """A real orbax checkpoint (step 1) whose config item names ``models``, as the training loops write it."""
+    with checkpoints.checkpoint_manager(folder, keep=None) as manager:
+        checkpoints.save_train_step(manager, 1, {m: {"w": np.zeros(2, np.float32)} for m in models},
+                                    {"step": np.zeros((), np.int32)}, {"configs": {m: {} for m in models}})
+        manager.wait_until_finished()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, str]:
+    """One path of each kind that ``classify`` tells apart."""
+    root = tmp_path_factory.mktemp("sources")
+    paths = {"stage1-run": str(root / "vae_run"), "stage2-run": str(root / "unet_run"),
+             "pipeline": str(root / "sd"), "single-file": str(root / "sd.safetensors"),
+             "vae-file": str(root / "vae.safetensors")}
+    _orbax_run(os.path.join(paths["stage1-run"], "autoencoder"), ["vae", "discriminator"])
+    _orbax_run(paths["stage2-run"], ["unet", "vae", "text_encoder"])
+    paths["stage1-folder"] = os.path.join(paths["stage1-run"], "autoencoder")
+    for name, cls in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL"), ("text_encoder", None)):
+        os.makedirs(os.path.join(paths["pipeline"], name))
+        with open(os.path.join(paths["pipeline"], name, "config.json"), "w") as f:
+            json.dump({"_class_name": cls} if cls else {"architectures": ["CLIPTextModel"]}, f)
+    paths["model-folder"] = os.path.join(paths["pipeline"], "vae")
+    tensor = np.zeros((1,), np.float32)
+    safetensors.numpy.save_file({"model.diffusion_model.out.0.weight": tensor,
+                                 "first_stage_model.encoder.conv_in.weight": tensor}, paths["single-file"])
+    safetensors.numpy.save_file({"encoder.conv_in.weight": tensor, "decoder.conv_in.weight": tensor},
+                                paths["vae-file"])
+    return paths
+
+
+def test_classify_tells_the_kinds_apart(sources):
+    for kind, path in sources.items():
+        assert sources_lib.classify(path)[0] == kind, path
+
+
+@pytest.mark.parametrize("key,kind,message", [
+    ("init_from", "stage1-run", "is a training workdir with a stage-1 .autoencoder. checkpoint; init_from takes a "
+                                "pretrained pipeline .* to encode with its VAE, set vae_from="),
+    ("init_from", "stage1-folder", r"is a stage-1 checkpoint folder \(models \['discriminator', 'vae'\]: a VAE, no "
+                                   "U-Net\\); init_from takes"),
+    ("init_from", "vae-file", "is a .safetensors with only VAE weights .*; a VAE alone cannot start a U-Net"),
+    ("init_from", "model-folder", r"is a single model folder \(AutoencoderKL\), not a whole pipeline; .* pass the "
+                                  "pipeline folder above it"),
+    ("init_from", "stage2-run", "is a stage-2 training workdir .* to continue that run, pass it as --workdir"),
+    ("vae_from", "stage2-run", "is a stage-2 training workdir .*; vae_from takes a stage-1 training workdir"),
+    ("vae_from", "stage1-folder", "is a stage-1 checkpoint folder .*; vae_from takes .*; pass its workdir"),
+])
+def test_a_checkpoint_of_the_wrong_kind_is_refused_by_name(sources, key, kind, message):
+    config = base.get_config("quick")
+    with config.unlocked():
+        config[key] = sources[kind]
+    with pytest.raises(ValueError, match=f"{key}='{re.escape(sources[kind])}' {message}"):
+        sources_lib.check_sources(config)
+
+
+def test_right_kinds_pass_and_a_missing_path_is_named(sources, tmp_path):
+    config = base.get_config("quick")
+    with config.unlocked():
+        config.init_from, config.vae_from = sources["pipeline"], sources["stage1-run"]
+        sources_lib.check_sources(config)
+        config.init_from, config.vae_from = sources["single-file"], sources["pipeline"]
+        sources_lib.check_sources(config)
+        config.vae_from = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="vae_from='.*nothing': .*nothing does not exist; vae_from takes"):
+        sources_lib.check_sources(config)
+
+
+def test_trainer_refuses_a_wrong_checkpoint_before_building_anything(sources, tmp_path):
+    config = base.get_config("quick")
+    with config.unlocked():
+        config.init_from = sources["stage1-run"]
+    with pytest.raises(ValueError, match="init_from=.* is a training workdir with a stage-1"):
+        train.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")  # failed before any stage wrote anything

@@ -172,8 +172,8 @@ def test_checkpoint_gives_the_same_file(first_grid, workdir, in_process, tmp_pat
         assert (tmp_path / "b.png").read_bytes() == f.read()
 
 
-BAD_INPUTS = ("unknown sampler", "steps < 1", "num-images < 1", "missing pretrained", "missing checkpoint",
-              "missing step", "neither", "both")
+BAD_INPUTS = ("unknown sampler", "steps < 1", "steps not an integer", "NaN guidance", "num-images < 1",
+              "missing pretrained", "missing checkpoint", "missing step", "neither", "both")
 
 
 def bad_input(case: str, folder: str, workdir: str) -> tuple[list[str], str]:
@@ -183,6 +183,9 @@ def bad_input(case: str, folder: str, workdir: str) -> tuple[list[str], str]:
         "unknown sampler": ([*pretrained, "--sampler", "plms"],
                             r"flag --sampler=plms: value should be one of <ddpm\|ddim\|dpm\+\+2m\|euler\|euler_a>"),
         "steps < 1": ([*pretrained, "--steps", "0"], "flag --steps=0: 0 is not a positive integer"),
+        "steps not an integer": ([*pretrained, "--steps", "2.5"],
+                                 r"flag --steps=2.5: invalid literal for int\(\) with base 10: .2.5."),
+        "NaN guidance": ([*pretrained, "--guidance", "nan"], "flag --guidance=nan: --guidance must be a finite number"),
         "num-images < 1": ([*pretrained, "--num-images", "0"], "flag --num-images=0: 0 is not a positive integer"),
         "missing pretrained": (["--pretrained", "/nonexistent/sd", "--prompt", "a cat"],
                                "no pretrained pipeline at /nonexistent/sd: expected a diffusers folder"),

@@ -318,26 +318,46 @@ def test_inpainting_part_way_matches_diffusers(ref, keep_all, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Errors, raised while tracing
+# Errors, raised before tracing
 
 
-def test_invalid_arguments_are_named(ref):
+def test_invalid_arguments_are_named_before_tracing(ref):
+    """Each bad input is a ValueError naming it, raised before jit sees the arguments: ``params`` here is an
+    object jit cannot take (a TypeError had tracing started)."""
     image, mask = ref.image * 2 - 1, _half_mask()
     cases = [
         (dict(sampler="heun"), "unknown sampler 'heun'; valid: " + re.escape(", ".join(SAMPLERS))),
-        (dict(steps=0), "num_inference_steps must be a positive integer, got 0"),
+        (dict(steps=0), "steps must be a positive integer, got 0"),
+        (dict(steps=-3), "steps must be a positive integer, got -3"),
+        (dict(steps=2.5), "steps must be a positive integer, got 2.5"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),
+        (dict(ids=ref.ids[:0], uncond=ref.uncond[:0]), r"cond_ids holds no prompts \(shape \(0, 16\)\)"),
+        (dict(ids=ref.ids.astype(np.float32)), "cond_ids must hold integer token ids, got dtype float32"),
+        (dict(ids=ref.ids[0]), r"cond_ids must be token ids of shape \[batch, length\], got shape \(16,\)"),
+        (dict(ids=ref.ids + 10**6), r"cond_ids holds token ids in \[\d+, \d+\], outside the text encoder's "
+                                   r"vocabulary \[0, 1000\)"),
         (dict(latents=ref.latents.transpose(0, 3, 1, 2)),
          r"latents have shape \(8, 4, 8, 8\), expected \(8, 8, 8, 4\)"),
+        (dict(latents=ref.latents[:2]), r"latents have shape \(2, 8, 8, 4\), expected \(8, 8, 8, 4\) for 8 "
+                                        r"prompt\(s\)"),
         (dict(height=15), "image size 15x16 must be divisible by the VAE's downsampling factor 2"),
+        (dict(height=0), "height must be a positive integer, got 0"),
         (dict(mask=mask), "inpainting needs init_image as well as mask"),
-        (dict(uncond=None), "guidance_scale != 1 needs uncond_ids"),
+        (dict(uncond=None), "guidance_scale 7.5 needs uncond_ids"),
         (dict(uncond=ref.uncond[:1]), r"uncond_ids have shape \(1, 16\), cond_ids \(8, 16\)"),
         (dict(strength=0.5), "strength 0.5 needs init_image"),
         (dict(init_image=image, strength=0.0), r"strength must be in \(0, 1\]"),
-        (dict(init_image=image, strength=0.1), "leaves no step to run"),
+        (dict(init_image=image, strength=0.1), "strength 0.1 with 5 steps leaves no step to run"),
         (dict(init_image=image[:, :8]), r"init_image has shape \(8, 8, 16, 3\), expected \(8, 16, 16, channels\)"),
         (dict(init_image=image, mask=mask[:, :4]), r"mask has shape \(8, 4, 8, 1\), expected \(8, 8, 8, 1\)"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
-            ours(ref, **kwargs)
+            ours(ref, params=object(), **kwargs)
+    with pytest.raises(ValueError, match=r"rng must be one key \(jax.random.key\(seed\)\), got int32 of shape "
+                                         r"\(3,\)"):
+        sample_fn.lower(ref.pipe.params, ref.ids, ref.uncond, np.zeros(3, np.int32), models=ref.pipe.models,
+                        steps=STEPS, height=HEIGHT, width=WIDTH)
+    with pytest.raises(TypeError):  # valid inputs do reach jit, which refuses the object
+        ours(ref, params=object())

@@ -11,7 +11,8 @@ example at 16x16x4), and the scale factor stays a recorded number, not baked in.
 Layout::
 
     DIR/manifest.json              written last: format, the VAE's reference and fingerprint, scale factor,
-                                   the data settings that shape the examples, latent shape, shards per split
+                                   the data settings that shape the examples, latent shape, shards per split,
+                                   unreadable images skipped per split
     DIR/<split>/<process>-<shard>.<field>.npy     fields: mean, logvar [n, h, w, c] float32,
                                    input_ids [n, L] int32 (when the data has a tokenizer), caption [n] bytes,
                                    index [n] int64 (the example's index in the split)
@@ -45,7 +46,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import parallel
-from ldm_jax.data.pipeline import host_range, make_iterator
+from ldm_jax.parallel import host_range
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.pipeline import abstract_params
 
@@ -176,12 +177,18 @@ class _ShardWriter:
 
 
 def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: str,
-                 mesh: jax.sharding.Mesh) -> int:
-    """Encode this process's share of ``split`` into ``folder/split`` (jitted, batch sharded); returns its rows."""
+                 mesh: jax.sharding.Mesh) -> tuple[int, int]:
+    """Encode this process's share of ``split`` into ``folder/split`` (jitted, batch sharded).
+
+    Returns the rows written and the number of unreadable images skipped.
+    """
+    # TensorFlow: loaded only to encode (the train step needs none)
+    from ldm_jax.data.pipeline import make_iterator, report_skipped
     data = dict(config["data"])
     data["batch_size"] = config["latents"]["batch_size"] or data["batch_size"]
     parallel.check_batch(data["batch_size"], mesh)
     iterator = make_iterator(data, split, seed=config["seed"], num_epochs=1, shuffle=False)
+    report_skipped(iterator, f"latent cache ({split})")
     per_host = data["batch_size"] // jax.process_count()
     batches = int(np.max(multihost_utils.process_allgather(np.asarray(math.ceil(iterator.size / per_host)))))
     batch_sharding = parallel.batch_sharding(mesh)
@@ -208,7 +215,7 @@ def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: 
             written += rows
     writer.close()
     iterator.close()
-    return written
+    return written, len(iterator.skipped)
 
 
 def _list_shards(folder: str, split: str) -> list[list]:
@@ -228,13 +235,15 @@ def build_cache(config: Mapping[str, Any], vae: FrozenVAE, folder: str, splits: 
         if jax.process_index() == 0:
             shutil.rmtree(os.path.join(folder, split), ignore_errors=True)  # leftovers of an interrupted build
         multihost_utils.sync_global_devices(f"latent cache: clear {split}")
-        rows = encode_split(config, vae, folder, split, mesh)
+        rows, skipped = encode_split(config, vae, folder, split, mesh)
         logging.info("latent cache: process %d wrote %d %s examples to %s", jax.process_index(), rows, split, folder)
         multihost_utils.sync_global_devices(f"latent cache: encoded {split}")
+        skipped = int(np.sum(multihost_utils.process_allgather(np.asarray(skipped))))
         shards = _list_shards(folder, split)
         first = np.load(os.path.join(folder, f"{shards[0][0]}.mean.npy"), mmap_mode="r")
         manifest["latent_shape"] = list(first.shape[1:])
         manifest["splits"][split] = {"count": sum(n for _, n in shards), "shards": shards}
+        manifest.setdefault("skipped", {})[split] = skipped
     if jax.process_index() == 0:
         temporary = os.path.join(folder, MANIFEST + ".tmp")
         with open(temporary, "w") as f:

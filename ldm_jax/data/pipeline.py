@@ -20,9 +20,13 @@ stateless permutation seeded by (seed, host, e); batch ``k`` holds positions
 batch ``k`` depends only on (config, seed, host, k): ``start_step=k`` starts
 there without reading the batches before it.
 
-Unreadable images in a folder are left out before the order is drawn (so
-resuming still lines up); the iterator's ``skipped`` lists them and each gets
-a warning naming the file.
+Images in a folder are converted to RGB whatever their mode (grey, grey +
+alpha, RGBA over white, palette, 16-bit, CMYK; see `decode`). Unreadable ones
+(corrupt, truncated, zero-byte) are left out before the order is drawn (so
+resuming still lines up); the iterator's ``skipped`` lists them, each gets a
+warning naming the file, and the training stages log and record the count
+(metric ``data/skipped_images``). A folder with no readable image is an error.
+Captions may be empty (a ``null`` caption in captions.jsonl counts as empty).
 """
 
 import atexit
@@ -37,14 +41,16 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ldm_jax.data import shapes
 from ldm_jax.data.config import data_config
 from ldm_jax.models.clip import load_tokenizer, tokenize
+from ldm_jax.parallel import host_range
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 CAPTIONS_FILE = "captions.jsonl"
 
 
@@ -104,11 +110,6 @@ def _close_open_iterators() -> None:
         iterator.close()
 
 
-def host_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """[start, stop) of host ``process_index``'s contiguous share of ``num_examples`` (sizes differ by <= 1)."""
-    return num_examples * process_index // process_count, num_examples * (process_index + 1) // process_count
-
-
 def make_iterator(config: Mapping[str, Any], split: str | None = None, seed: int | None = None,
                   start_step: int = 0, *, num_epochs: int | None = None, shuffle: bool = True,
                   process_index: int | None = None, process_count: int | None = None) -> DataIterator:
@@ -134,6 +135,13 @@ def make_iterator(config: Mapping[str, Any], split: str | None = None, seed: int
     if tokenizer is not None:
         dataset = dataset.map(_tokenize_fn(tokenizer, data.max_length or tokenizer.model_max_length))
     return DataIterator(dataset.prefetch(tf.data.AUTOTUNE), tokenizer, source.skipped, source.size)
+
+
+def report_skipped(iterator: DataIterator, what: str) -> None:
+    """Log how many images of ``iterator``'s share were unreadable and left out (a warning; nothing if none)."""
+    if iterator.skipped:
+        logging.warning("%s: %d of %d images unreadable and skipped (corrupt, truncated or empty), e.g. %s", what,
+                        len(iterator.skipped), iterator.size + len(iterator.skipped), list(iterator.skipped[:3]))
 
 
 def make_tokenizer(data: Mapping[str, Any]) -> Any:
@@ -177,8 +185,21 @@ def _examples(source: Source, data: Mapping[str, Any], key: tf.Tensor, start: in
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
-    """uint8 [h, w, 3] from PNG / JPEG / GIF (first frame) / BMP bytes; grey becomes RGB, alpha is dropped."""
-    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    """uint8 [h, w, 3] from PNG / JPEG / GIF (first frame) / BMP / WebP bytes.
+
+    Grey (1 channel) becomes RGB; an alpha channel (grey + alpha, RGBA) is
+    composited over white; 16-bit PNGs are scaled to 8 bits; palette images
+    and CMYK JPEGs are converted to RGB by the decoders. Anything undecodable
+    (corrupt, truncated, empty files) raises, and the folder scan skips it.
+    """
+    image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
+    channels = tf.shape(image)[-1]
+    colour = tf.cond(channels >= 3, lambda: image[..., :3], lambda: tf.repeat(image[..., :1], 3, axis=-1))
+    alpha = tf.cond(tf.equal(channels % 2, 0), lambda: image[..., -1:], lambda: tf.fill(tf.shape(image[..., :1]),
+                                                                                          tf.constant(255, tf.uint8)))
+    weight = tf.cast(alpha, tf.float32) / 255.0
+    over_white = tf.cast(colour, tf.float32) * weight + 255.0 * (1.0 - weight)
+    return tf.ensure_shape(tf.cast(tf.round(over_white), tf.uint8), [None, None, 3])
 
 
 def preprocess(image: tf.Tensor, size: int, seed: tf.Tensor, random_crop: bool = False,
@@ -298,6 +319,9 @@ def folder_source(folder: str, process_index: int, process_count: int) -> Source
     for path in skipped:
         warnings.warn(f"skipping unreadable image {path}", stacklevel=2)
     kept = np.flatnonzero(readable)
+    if entries and not len(kept):
+        raise ValueError(f"no readable image in {folder}: all {len(entries)} listed images of this host's share "
+                         f"failed to decode (corrupt, truncated, empty or not an image), e.g. {list(skipped[:3])}")
     paths = tf.constant([entries[i][0] for i in kept], tf.string)
     captions = tf.constant([entries[i][1] for i in kept], tf.string)
     indices = tf.constant(start + kept, tf.int64)
@@ -335,7 +359,8 @@ def _jsonl_entries(captions_file: str) -> list[tuple[str, str]]:
                 continue
             try:
                 record = json.loads(line)
-                entries.append((os.path.join(folder, record["file"]), str(record["caption"])))
+                caption = record["caption"]
+                entries.append((os.path.join(folder, record["file"]), "" if caption is None else str(caption)))
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"{captions_file} line {number}: expected a JSON object with 'file' and "
                                  f"'caption', got {line.strip()!r} ({error!r})") from error

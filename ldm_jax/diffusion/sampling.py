@@ -4,16 +4,20 @@ tokens -> CLIP -> classifier-free-guided sampler loop over latents
 (``lax.scan``) -> VAE decode -> images. Everything that changes the compiled
 program (the modules, the sampler, step count, guidance scale, image size) is
 static; params, token ids, the rng key and optional starting latents / images
-are traced, so a new prompt or seed reuses the compiled code.
+are traced, so a new prompt or seed reuses the compiled code. Its inputs are
+checked (`check_inputs`) before tracing: a bad one is a ValueError naming it,
+never an error inside XLA.
 """
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.diffusion import samplers
 
@@ -85,24 +89,19 @@ def _guided_model(models: Models, unet_params: Any, context: jax.Array, guidance
 
 def _start_step(num_steps: int, strength: float) -> int:
     """The first step of an img2img run at ``strength`` (diffusers' rule: the last ``int(N * strength)`` steps)."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    run = min(int(num_steps * strength), num_steps)
-    if run < 1:
-        raise ValueError(f"strength {strength} with {num_steps} steps leaves no step to run")
-    return num_steps - run
+    return num_steps - min(int(num_steps * strength), num_steps)
 
 
 @functools.partial(jax.jit, static_argnames=(
     "models", "sampler", "steps", "guidance_scale", "height", "width", "strength", "sampler_options",
     "sample_posterior", "return_latents"))
-def sample_fn(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Array | None, rng: jax.Array,
-              latents: jax.Array | None = None, init_image: jax.Array | None = None, mask: jax.Array | None = None,
-              *, models: Models, sampler: str = "ddim", steps: int = 50, guidance_scale: float = 7.5,
-              height: int = 512, width: int = 512, strength: float = 1.0,
-              sampler_options: tuple[tuple[str, Any], ...] = (), sample_posterior: bool = True,
-              return_latents: bool = False):
-    """Generate images for a batch of prompts; jitted and pure.
+def _sample(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Array | None, rng: jax.Array,
+            latents: jax.Array | None = None, init_image: jax.Array | None = None, mask: jax.Array | None = None,
+            *, models: Models, sampler: str = "ddim", steps: int = 50, guidance_scale: float = 7.5,
+            height: int = 512, width: int = 512, strength: float = 1.0,
+            sampler_options: tuple[tuple[str, Any], ...] = (), sample_posterior: bool = True,
+            return_latents: bool = False):
+    """Generate images for a batch of prompts; jitted and pure (``sample_fn``: inputs checked first).
 
     Args:
       params: ``{'unet', 'vae', 'text_encoder'}`` param trees.
@@ -140,29 +139,13 @@ def sample_fn(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Ar
       ``return_latents``.
     """
     sampler_ = samplers.make_sampler(sampler, models.scheduler_config, steps, **dict(sampler_options))
-    batch = cond_ids.shape[0]
-    shape = models.latent_shape(batch, height, width)
+    shape = models.latent_shape(cond_ids.shape[0], height, width)
     latents_key, noise_key, posterior_key = jax.random.split(rng, 3)
     if latents is None:
         latents = jax.random.normal(latents_key, shape, jnp.float32)
-    elif latents.shape != shape:
-        raise ValueError(f"latents have shape {latents.shape}, expected {shape} for {height}x{width} images")
-    if mask is not None and init_image is None:
-        raise ValueError("inpainting needs init_image as well as mask")
-    if init_image is None and strength != 1.0:
-        raise ValueError(f"strength {strength} needs init_image (img2img or inpainting)")
-    if uncond_ids is not None and uncond_ids.shape != cond_ids.shape:
-        raise ValueError(f"uncond_ids have shape {uncond_ids.shape}, cond_ids {cond_ids.shape}: they must match")
-    if init_image is not None and init_image.shape[:3] != (batch, height, width):
-        raise ValueError(f"init_image has shape {init_image.shape}, expected ({batch}, {height}, {width}, channels)")
-    if mask is not None and not (mask.ndim == 4 and all(m in (1, n) for m, n in zip(mask.shape, shape[:3] + (1,)))):
-        raise ValueError(f"mask has shape {mask.shape}, expected {shape[:3] + (1,)} (latent resolution) or one "
-                         "that broadcasts to it")
 
     context = _encode_text(models, params["text_encoder"], cond_ids)
     if guidance_scale != 1.0:
-        if uncond_ids is None:
-            raise ValueError("guidance_scale != 1 needs uncond_ids (the negative or empty prompts)")
         context = jnp.concatenate([_encode_text(models, params["text_encoder"], uncond_ids), context])
     model_fn = _guided_model(models, params["unet"], context, guidance_scale)
 
@@ -186,3 +169,123 @@ def sample_fn(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Ar
     images = models.vae.apply({"params": params["vae"]}, z / models.scale_factor, method="decode")
     images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return (images, z) if return_latents else images
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return None if value is None else tuple(np.shape(value))
+
+
+def _check_ids(name: str, ids: Any, vocab_size: int) -> None:
+    """Token ids: int [B, L]; values in range when they are host (numpy) arrays."""
+    shape, dtype = _shape(ids), np.dtype(ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be token ids of shape [batch, length], got shape {shape}")
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {dtype}")
+    if isinstance(ids, np.ndarray) and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"{name} holds token ids in [{ids.min()}, {ids.max()}], outside the text encoder's "
+                         f"vocabulary [0, {vocab_size})")
+
+
+def check_inputs(params: Mapping[str, Any], cond_ids: Any, uncond_ids: Any, rng: Any, latents: Any = None,
+                 init_image: Any = None, mask: Any = None, *, models: Models, sampler: str = "ddim", steps: int = 50,
+                 guidance_scale: float = 7.5, height: int = 512, width: int = 512, strength: float = 1.0,
+                 sampler_options: tuple = (), sample_posterior: bool = True, return_latents: bool = False) -> None:
+    """ValueError naming the argument and its value for any input `sample_fn` cannot run on.
+
+    Checks the settings (sampler name, step count, guidance, size, strength)
+    and the shapes and dtypes of the arrays, plus the token id range of host
+    arrays; `sample_fn` runs it before tracing, so no bad input reaches XLA.
+    """
+    del params, sample_posterior, return_latents
+    if sampler not in samplers.SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not _is_real(guidance_scale) or not np.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    for name, size in (("height", height), ("width", width)):
+        if not _is_int(size) or size < 1:
+            raise ValueError(f"{name} must be a positive integer, got {size!r}")
+    if not _is_real(strength) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    _check_ids("cond_ids", cond_ids, models.text_encoder.vocab_size)
+    batch = _shape(cond_ids)[0]
+    if batch == 0:
+        raise ValueError(f"cond_ids holds no prompts (shape {_shape(cond_ids)}): give at least one")
+    if uncond_ids is not None:
+        _check_ids("uncond_ids", uncond_ids, models.text_encoder.vocab_size)
+        if _shape(uncond_ids) != _shape(cond_ids):
+            raise ValueError(f"uncond_ids have shape {_shape(uncond_ids)}, cond_ids {_shape(cond_ids)}: they must "
+                             "match")
+    elif guidance_scale != 1.0:
+        raise ValueError(f"guidance_scale {guidance_scale} needs uncond_ids (the negative or empty prompts); "
+                         "only guidance_scale=1 runs without them")
+    typed = hasattr(rng, "dtype") and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    if not ((typed and _shape(rng) == ()) or (hasattr(rng, "dtype") and rng.dtype == np.uint32
+                                                  and _shape(rng) == (2,))):
+        raise ValueError(f"rng must be one key (jax.random.key(seed)), got {getattr(rng, 'dtype', type(rng))} of "
+                         f"shape {_shape(rng)}")
+    shape = models.latent_shape(batch, height, width)
+    if latents is not None and _shape(latents) != shape:
+        raise ValueError(f"latents have shape {_shape(latents)}, expected {shape} for {batch} prompt(s) and "
+                         f"{height}x{width} images")
+    if init_image is None and strength != 1.0:
+        raise ValueError(f"strength {strength} needs init_image (img2img or inpainting)")
+    if int(steps * strength) < 1:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no step to run")
+    if mask is not None and init_image is None:
+        raise ValueError("inpainting needs init_image as well as mask")
+    if init_image is not None and (len(_shape(init_image)) != 4 or _shape(init_image)[:3] != (batch, height, width)):
+        raise ValueError(f"init_image has shape {_shape(init_image)}, expected ({batch}, {height}, {width}, "
+                         "channels)")
+    if mask is not None and not (len(_shape(mask)) == 4 and all(m in (1, n) for m, n in zip(_shape(mask),
+                                                                                         shape[:3] + (1,)))):
+        raise ValueError(f"mask has shape {_shape(mask)}, expected {shape[:3] + (1,)} (latent resolution) or one "
+                         "that broadcasts to it")
+
+
+class _CheckedJit:
+    """A jitted function whose arguments `check_inputs` checks before every call, ``lower`` and ``trace``."""
+
+    def __init__(self, jitted: Any):
+        self._jitted = jitted
+        self._signature = inspect.signature(check_inputs)
+        functools.update_wrapper(self, jitted)
+        self.__name__ = self.__qualname__ = "sample_fn"
+
+    def _check(self, args: tuple, kwargs: dict) -> None:
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"sample_fn: {error}") from None
+        check_inputs(*bound.args, **bound.kwargs)
+
+    def __call__(self, *args, **kwargs):
+        """Check the inputs, then run the jitted sampler."""
+        self._check(args, kwargs)
+        return self._jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        """Check the inputs, then lower the jitted sampler (``.compile()`` the result)."""
+        self._check(args, kwargs)
+        return self._jitted.lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        """Check the inputs, then trace the jitted sampler."""
+        self._check(args, kwargs)
+        return self._jitted.trace(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._jitted, name)
+
+
+sample_fn = _CheckedJit(_sample)

@@ -19,7 +19,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import parallel
-from ldm_jax.data.pipeline import make_iterator
+from ldm_jax.data.pipeline import make_iterator, report_skipped
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS, params_from_torch
 from ldm_jax.models.vae import AutoencoderKL
@@ -27,6 +27,8 @@ from ldm_jax.training import autoencoder_step as ae_step
 from ldm_jax.training import checkpoints
 from ldm_jax.training.autoencoder_losses import AutoencoderLossConfig, perceptual_weight
 from ldm_jax.training.metrics import MetricWriter
+from ldm_jax.training.nonfinite import NonFiniteTracker
+from ldm_jax.training.preemption import StopRequest
 from ldm_jax.training.state import make_optimizer
 
 LPIPS_FILES = ("vgg16.safetensors", "lpips_vgg_heads.safetensors")
@@ -40,7 +42,7 @@ def stage_dir(workdir: str) -> str:
 def loss_config(config: Mapping[str, Any]) -> AutoencoderLossConfig:
     """The static loss config (modules and weights) of a run config."""
     ae = config["autoencoder"]
-    vae = AutoencoderKL.from_diffusers_config(dict(config["vae"]))
+    vae = AutoencoderKL.from_diffusers_config(dict(config["vae"]), attention_impl=config["attention_impl"])
     discriminator = NLayerDiscriminator(ndf=ae["disc_channels"], n_layers=ae["disc_layers"], norm=ae["disc_norm"])
     return AutoencoderLossConfig(vae=vae, discriminator=discriminator, lpips=LPIPS(), kl_weight=ae["kl_weight"],
                                  perceptual_weight=ae["perceptual_weight"], disc_weight=ae["disc_weight"],
@@ -93,8 +95,13 @@ def jit_train_step(loss_cfg: AutoencoderLossConfig, optimizers: Mapping[str, Any
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def train_autoencoder(config: Mapping[str, Any], workdir: str) -> dict[str, float]:
-    """Train stage 1 to ``autoencoder.steps`` (resuming from the workdir); returns the final eval metrics."""
+def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest | None = None) -> dict[str, float]:
+    """Train stage 1 to ``autoencoder.steps`` (resuming from the workdir); returns the final eval metrics.
+
+    ``stop`` (from ``ldm_jax.train``) ends the loop early on SIGTERM, after
+    saving the step it stopped at. Non-finite steps are handled as
+    ``autoencoder.nan_policy`` says (``ldm_jax.training.nonfinite``).
+    """
     ae = config["autoencoder"]
     folder = stage_dir(workdir)
     mesh = parallel.make_mesh(config["mesh"])
@@ -112,16 +119,20 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str) -> dict[str, floa
     state, shardings = parallel.sharded_init(init, mesh, jax.random.fold_in(rng, 0))
 
     manager = checkpoints.checkpoint_manager(folder, keep=ae["keep"])
-    start = manager.latest_step() or 0
+    start = checkpoints.resume_step(manager, "stage 1")
     if start >= ae["steps"]:
         logging.info("stage 1: %s already holds step %d of %d; nothing to train", folder, start, ae["steps"])
         return checkpoints.read_config(manager, start)["eval"]
+    skips = 0
     if start:
         params, rest = checkpoints.restore_train_step(
             manager, start, checkpoints.abstract_like(state.params, shardings.params),
             checkpoints.abstract_like(_rest(state), _rest(shardings)))
         state = state.replace(params=params, **rest)
+        skips = checkpoints.read_config(manager, start).get("nonfinite_skips", 0)
         logging.info("stage 1: resumed from step %d in %s", start, folder)
+    tracker = NonFiniteTracker(ae["nan_policy"], stage="stage 1", policy_key="autoencoder.nan_policy",
+                               previous=skips)
 
     replicated = parallel.replicated(mesh)
     batch_sharding = parallel.batch_sharding(mesh)
@@ -134,37 +145,53 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str) -> dict[str, floa
     first.close()
     step_rng = jax.random.fold_in(rng, 1)
     writer = MetricWriter(folder)
+    writer.restart_at(start)
 
     def save(step: int, eval_metrics: dict[str, float]) -> None:
+        skipped = tracker.check(manager.latest_step())
         scale = 1.0 / float(std_fn(state.params["vae"], first_images, jax.random.fold_in(rng, 2)))
         configs = {"vae": loss_cfg.vae.diffusers_config(scaling_factor=scale,
                                                         sample_size=config["image_size"])}
         checkpoints.save_train_step(manager, step, state.params, _rest(state),
-                                    {"configs": configs, "scale_factor": scale, "eval": eval_metrics})
+                                    {"configs": configs, "scale_factor": scale, "eval": eval_metrics,
+                                     "nonfinite_skips": skipped})
         logging.info("stage 1: saved step %d (scale factor %.5f)", step, scale)
 
     iterator = make_iterator(config["data"], "train", seed=config["seed"], start_step=start)
+    report_skipped(iterator, "stage 1")
+    if not start:
+        writer.write(0, {"skipped_images": len(iterator.skipped)}, prefix="data/")
     eval_metrics, started, timed_from = {}, time.time(), start
-    for step in range(start, ae["steps"]):
-        batch = parallel.shard_batch({"image": next(iterator)["image"]}, mesh)
-        state, metrics = train(state, batch, lpips_params, step_rng)
-        done = step + 1
-        if done % ae["log_every"] == 0 or done == ae["steps"]:
-            elapsed = time.time() - started
-            metrics = {**metrics, "steps_per_sec": (done - timed_from) / elapsed,
-                       "images_per_sec": (done - timed_from) * config["data"]["batch_size"] / elapsed}
-            writer.write(done, metrics, prefix="train/")
-        if (ae["eval_every"] and done % ae["eval_every"] == 0) or done == ae["steps"]:
-            eval_metrics = evaluate(config, state.params["vae"], mesh, eval_fn)
-            writer.write(done, eval_metrics, prefix="test/")
-        if done % ae["checkpoint_every"] == 0 or done == ae["steps"]:
-            save(done, eval_metrics)
-        if done % ae["log_every"] == 0:
-            started, timed_from = time.time(), done  # time evals and saves apart from steps
-    iterator.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+    try:
+        for step in range(start, ae["steps"]):
+            batch = parallel.shard_batch({"image": next(iterator)["image"]}, mesh)
+            state, metrics = train(state, batch, lpips_params, step_rng)
+            done = step + 1
+            tracker.update(metrics.pop("nonfinite"), done)
+            last = done == ae["steps"]
+            preempted = stop is not None and stop.should_stop(done)
+            if done % ae["log_every"] == 0 or last or preempted:
+                elapsed = time.time() - started
+                metrics = {**metrics, "steps_per_sec": (done - timed_from) / elapsed,
+                           "images_per_sec": (done - timed_from) * config["data"]["batch_size"] / elapsed,
+                           "nonfinite_skips": tracker.check(manager.latest_step())}
+                writer.write(done, metrics, prefix="train/")
+            if (ae["eval_every"] and done % ae["eval_every"] == 0) or last:
+                eval_metrics = evaluate(config, state.params["vae"], mesh, eval_fn)
+                writer.write(done, eval_metrics, prefix="test/")
+            if done % ae["checkpoint_every"] == 0 or last or preempted:
+                save(done, eval_metrics)
+            if preempted:
+                logging.warning("stage 1: stopped at step %d of %d on %s; the same command resumes from there",
+                                done, ae["steps"], stop.received or "the preemption notice")
+                break
+            if done % ae["log_every"] == 0:
+                started, timed_from = time.time(), done  # time evals and saves apart from steps
+    finally:  # also on errors: a save in flight completes, so the last checkpoint is whole
+        iterator.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
     return eval_metrics
 
 

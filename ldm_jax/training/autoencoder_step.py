@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from ldm_jax.training import autoencoder_losses as losses
+from ldm_jax.training.nonfinite import is_finite, keep_if_finite
 from ldm_jax.training.state import TrainState, global_norm
 
 MODELS = ("vae", "discriminator")
@@ -37,6 +38,8 @@ def train_step(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[st
     Before ``disc_start`` the discriminator's loss is zero, so its update is
     skipped (``lax.cond``) rather than computed: its metrics read 0 there and
     its Adam step count starts at ``disc_start``. ``lpips_params`` is None when the perceptual term is off.
+    When a loss or gradient is NaN or Inf, both models keep their params and
+    optimizer states (metric ``nonfinite`` is 1; see ``ldm_jax.training.nonfinite``).
     """
     gen_rng, disc_rng = jax.random.split(jax.random.fold_in(rng, state.step))
     params = dict(state.params)
@@ -65,10 +68,14 @@ def train_step(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[st
     params["discriminator"], disc_opt, disc_metrics = jax.lax.cond(
         state.step >= loss_config.disc_start, update_discriminator, skip_discriminator,
         params["discriminator"], state.opt_state["discriminator"])
-    metrics = {**gen_metrics, **disc_metrics, "vae_grad_norm": global_norm(vae_grads)}
-    new_state = state.replace(step=state.step + 1, params=params,
-                              opt_state={"vae": vae_opt, "discriminator": disc_opt})
-    return new_state, metrics
+    vae_grad_norm = global_norm(vae_grads)
+    finite = is_finite(gen_metrics["total_loss"], vae_grad_norm, disc_metrics["disc_loss"],
+                       disc_metrics["disc_grad_norm"])
+    params, opt_state = keep_if_finite(finite, (params, {"vae": vae_opt, "discriminator": disc_opt}),
+                                       (state.params, state.opt_state))
+    metrics = {**gen_metrics, **disc_metrics, "vae_grad_norm": vae_grad_norm,
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def psnr(images: jax.Array, reconstructions: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 
 from ldm_jax.models.clip import load_tokenizer
 from ldm_jax.pipeline import COMPONENTS, Pipeline, abstract_params, build_modules
@@ -58,6 +59,28 @@ def restore_train_step(manager: ocp.CheckpointManager, step: int, params: dict[s
     restore = ocp.args.PyTreeRestore(state, restore_args=ocp.checkpoint_utils.construct_restore_args(state))
     restored_state = manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))[STATE]
     return restored_params, restored_state
+
+
+def unfinished_saves(manager: ocp.CheckpointManager) -> list[str]:
+    """Names of the step folders whose save never finished (a process died while saving).
+
+    Orbax (0.12) writes step ``N`` as ``N.orbax-checkpoint-tmp/`` (each item in
+    its own ``<item>.orbax-checkpoint-tmp/`` inside), writes
+    ``commit_success.txt`` into it and only then renames it to ``N/``. A
+    process killed before the rename leaves the temporary folder: orbax never
+    lists it among the steps, so it is never restored, and the next save of
+    step ``N`` replaces it.
+    """
+    return sorted(path.get().name for path in ocp.path.step.all_temporary_paths(manager.directory))
+
+
+def resume_step(manager: ocp.CheckpointManager, stage: str) -> int:
+    """The latest complete step of ``manager`` (0 if none), logging any unfinished save that is passed over."""
+    unfinished = unfinished_saves(manager)
+    if unfinished:
+        logging.warning("%s: ignoring unfinished checkpoint save(s) %s in %s (the run died while saving); "
+                        "resuming from the latest complete step", stage, unfinished, manager.directory)
+    return manager.latest_step() or 0
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -205,18 +228,19 @@ def _abstract(module: Any, name: str, config: dict, sharding: jax.sharding.Shard
 
 
 def load_pipeline(workdir: str, step: int | None = None, *, use_ema: bool = True, dtype: Any = jnp.float32,
-                  param_dtype: Any = jnp.float32) -> Pipeline:
+                  param_dtype: Any = jnp.float32, attention_impl: str = "auto") -> Pipeline:
     """The `Pipeline` saved as checkpoint ``step`` of ``workdir`` (the latest step for None).
 
     The EMA U-Net params are used when the checkpoint has them and
     ``use_ema``; ``dtype`` is the compute dtype, ``param_dtype`` that of the
-    restored params (on the first local device). The tokenizer comes from
+    restored params (on the first local device); ``attention_impl`` the
+    attention kernel (``ldm_jax.models.attention``). The tokenizer comes from
     ``WORKDIR/tokenizer`` (None when absent).
     """
     step = resolve_step(workdir, step)
     with checkpoint_manager(workdir, keep=None, create=False) as manager:
         configs = read_configs(manager, step)
-        modules = build_modules(configs, dtype, param_dtype)
+        modules = build_modules(configs, dtype, param_dtype, attention_impl=attention_impl)
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = {name: _abstract(modules[name], name, configs[name], sharding) for name in COMPONENTS}
         stored = params_metadata(manager, step)

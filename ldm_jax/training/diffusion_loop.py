@@ -28,11 +28,13 @@ from ldm_jax.data.pipeline import make_tokenizer
 from ldm_jax.diffusion.sampling import Models, sample_fn
 from ldm_jax.images import make_grid
 from ldm_jax.models.clip import tokenize
-from ldm_jax.pipeline import Pipeline, build_modules, init_inputs
+from ldm_jax.pipeline import Pipeline, build_modules
 from ldm_jax.training import checkpoints, diffusion_state
 from ldm_jax.training.diffusion_step import DiffusionTask
 from ldm_jax.training.latent_cache import cache_folder, ensure_latents
-from ldm_jax.training.metrics import MetricWriter
+from ldm_jax.training.metrics import DeferredWriter, MetricWriter
+from ldm_jax.training.nonfinite import NonFiniteTracker
+from ldm_jax.training.preemption import StopRequest
 from ldm_jax.training.state import learning_rate_schedule, make_optimizer, OPTIMIZER_DEFAULTS
 
 SAMPLES_PER_GRID = 8
@@ -74,7 +76,8 @@ def setup(config: Mapping[str, Any], workdir: str) -> tuple[Stage2, dict[str, An
         raise ValueError("stage 2 needs token ids: set data.tokenizer (a CLIP tokenizer folder) or init_from a "
                          "pipeline with a tokenizer/ folder")
     max_length = config["data"]["max_length"] or tokenizer.model_max_length
-    modules = build_modules(configs, jnp.dtype(d["dtype"]))
+    modules = build_modules(configs, jnp.dtype(d["dtype"]), attention_impl=config["attention_impl"],
+                            remat_policy=d["remat_policy"])
     models = Models.create(modules["unet"], modules["vae"], modules["text_encoder"], configs["scheduler"],
                            manifest["scale_factor"])
     task = DiffusionTask(unet=modules["unet"], text_encoder=modules["text_encoder"], vae=None,
@@ -95,8 +98,13 @@ def sample_prompts(config: Mapping[str, Any]) -> list[str]:
     return prompts
 
 
-def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]:
-    """Train stage 2 to ``diffusion.steps`` (resuming from the workdir); returns the last logged metrics."""
+def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest | None = None) -> dict[str, float]:
+    """Train stage 2 to ``diffusion.steps`` (resuming from the workdir); returns the last logged metrics.
+
+    ``stop`` (from ``ldm_jax.train``) ends the loop early on SIGTERM, after
+    saving the step it stopped at. Non-finite steps are handled as
+    ``diffusion.nan_policy`` says (``ldm_jax.training.nonfinite``).
+    """
     d = config["diffusion"]
     mesh = parallel.make_mesh(config["mesh"])
     batch_size = d["batch_size"] or config["data"]["batch_size"]
@@ -109,13 +117,16 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
     state, frozen, shardings = diffusion_state.create_state(stage.task, stage.configs, optimizer, mesh,
                                                             jax.random.fold_in(rng, 0), stage.pretrained, layout)
     manager = checkpoints.checkpoint_manager(workdir, keep=d["keep"])
-    start = manager.latest_step() or 0
+    start = checkpoints.resume_step(manager, "stage 2")
     if start >= d["steps"]:
         logging.info("stage 2: %s already holds step %d of %d; nothing to train", workdir, start, d["steps"])
         return {}
+    skips = 0
     if start:
         state, frozen = diffusion_state.restore_state(manager, start, stage.task, state, frozen, shardings)
+        skips = checkpoints.read_config(manager, start).get("nonfinite_skips", 0)
         logging.info("stage 2: resumed from step %d in %s", start, workdir)
+    tracker = NonFiniteTracker(d["nan_policy"], stage="stage 2", policy_key="diffusion.nan_policy", previous=skips)
 
     step_fn = diffusion_state.jit_train_step(stage.task, optimizer, mesh, shardings)
     vae_params = jax.device_put(stage.vae.params, latents.vae_shardings(stage.vae.module, mesh, layout))
@@ -124,9 +135,16 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
     cond = np.asarray(tokenize(stage.tokenizer, prompts, stage.max_length), np.int32)
     checkpoints.save_tokenizer(workdir, stage.tokenizer)
     writer = MetricWriter(workdir)
+    writer.restart_at(start)
+    if not start:
+        writer.write(0, {"skipped_images": manifest.get("skipped", {}).get("train", 0)}, prefix="data/")
+    # Metrics are written one log interval late (the loop does not wait on the step it just dispatched for them);
+    # rates are measured between dispatches, which the device keeps pace with in steady state.
+    deferred = DeferredWriter(writer, prefix="train/")
 
     def save(step: int) -> None:
-        saved = {"configs": stage.configs, "scale_factor": stage.models.scale_factor, "vae": stage.vae.reference}
+        saved = {"configs": stage.configs, "scale_factor": stage.models.scale_factor, "vae": stage.vae.reference,
+                 "nonfinite_skips": tracker.check(manager.latest_step())}
         diffusion_state.save_state(manager, step, stage.task, state, frozen, saved, {"vae": vae_params})
 
     def sample_grid(step: int) -> None:
@@ -143,33 +161,47 @@ def train_diffusion(config: Mapping[str, Any], workdir: str) -> dict[str, float]
         writer.write_images(step, "samples", np.asarray(grid)[None])
 
     iterator = latents.LatentIterator(cache_folder(config, workdir), "train", batch_size, config["seed"],
-                                           start_step=start)
+                                      start_step=start)
     per_host = batch_size // jax.process_count()
     empty_rows = np.repeat(empty, per_host, 0)
     logged, started, timed_from = {}, time.time(), start
+    step_rng = jax.random.fold_in(rng, 1)  # the train step folds in the step number itself
     bar = tqdm.tqdm(total=d["steps"], initial=start, desc="stage 2", disable=jax.process_index() != 0)
-    for step in range(start, d["steps"]):
-        batch = next(iterator)
-        batch = {"mean": batch["mean"], "logvar": batch["logvar"], "input_ids": batch["input_ids"],
-                 "empty_ids": empty_rows}
-        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), frozen, jax.random.fold_in(rng, 1))
-        done = step + 1
-        bar.update(1)
-        if done % d["log_every"] == 0 or done == d["steps"]:
-            elapsed = time.time() - started
-            rates = {"steps_per_sec": (done - timed_from) / elapsed,
-                     "images_per_sec": (done - timed_from) * batch_size / elapsed, "lr": schedule(step)}
-            logged = writer.write(done, {**metrics, **rates}, prefix="train/")
-            bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
-        if done % d["checkpoint_every"] == 0 or done == d["steps"]:
-            save(done)
-        if (d["sample_every"] and done % d["sample_every"] == 0) or done == d["steps"]:
-            sample_grid(done)
-        if done % d["log_every"] == 0:
-            started, timed_from = time.time(), done
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+    try:
+        for step in range(start, d["steps"]):
+            batch = next(iterator)
+            batch = {"mean": batch["mean"], "logvar": batch["logvar"], "input_ids": batch["input_ids"],
+                     "empty_ids": empty_rows}
+            state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), frozen, step_rng)
+            done = step + 1
+            tracker.update(metrics.pop("nonfinite"), done)
+            bar.update(1)
+            last = done == d["steps"]
+            preempted = stop is not None and stop.should_stop(done)
+            if done % d["log_every"] == 0 or last or preempted:
+                elapsed = time.time() - started
+                rates = {"steps_per_sec": (done - timed_from) / elapsed,
+                         "images_per_sec": (done - timed_from) * batch_size / elapsed, "lr": schedule(step),
+                         "nonfinite_skips": tracker.check(manager.latest_step())}
+                written = deferred.push(done, {**metrics, **rates})
+                if written:
+                    logged = written
+                    bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
+            if done % d["checkpoint_every"] == 0 or last or preempted:
+                save(done)
+            if d["sample_every"] >= 0 and ((d["sample_every"] and done % d["sample_every"] == 0) or last):
+                sample_grid(done)
+            if preempted:
+                logging.warning("stage 2: stopped at step %d of %d on %s; the same command resumes from there",
+                                done, d["steps"], stop.received or "the preemption notice")
+                break
+            if done % d["log_every"] == 0:
+                started, timed_from = time.time(), done
+        logged = deferred.flush() or logged
+    finally:  # also on errors: a save in flight completes, so the last checkpoint is whole
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
     return logged
 

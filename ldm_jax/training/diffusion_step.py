@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from ldm_jax.diffusion import schedule as sched
+from ldm_jax.training.nonfinite import is_finite, keep_if_finite
 from ldm_jax.training.state import TrainState, ema_decay, ema_update, global_norm
 
 
@@ -114,7 +115,10 @@ def train_step(task: DiffusionTask, optimizer: optax.GradientTransformation, sta
     ``batch`` holds 'input_ids', 'empty_ids' (the empty prompt's ids, [L] or
     [B, L]) and either cached 'mean'/'logvar' or 'image'; ``frozen`` holds the
     params of the frozen models. Returns the new state and float32 metrics
-    (loss, mse, weight, grad_norm).
+    (loss, mse, weight, grad_norm, and nonfinite: 1 when the loss or the
+    gradient was NaN or Inf, in which case params, optimizer state and EMA are
+    returned unchanged and only the step advances; see
+    ``ldm_jax.training.nonfinite``).
     """
     step_rng = jax.random.fold_in(rng, state.step)
     (_, metrics), grads = jax.value_and_grad(diffusion_loss, argnums=1, has_aux=True)(
@@ -125,5 +129,9 @@ def train_step(task: DiffusionTask, optimizer: optax.GradientTransformation, sta
     if ema:
         decay = ema_decay(state.step, task.ema_decay, task.ema_warmup)
         ema = {**ema, "unet": ema_update(ema["unet"], params["unet"], decay)}
-    metrics = {**metrics, "grad_norm": global_norm(grads)}
+    grad_norm = global_norm(grads)
+    finite = is_finite(metrics["loss"], grad_norm)
+    params, opt_state, ema = keep_if_finite(finite, (params, opt_state, ema),
+                                            (state.params, state.opt_state, state.ema))
+    metrics = {**metrics, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

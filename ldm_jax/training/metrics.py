@@ -49,6 +49,29 @@ class MetricWriter:
                 tf.summary.scalar(name, value)
         return values
 
+    def restart_at(self, step: int) -> int:
+        """Drop the metrics.jsonl records after ``step``, the step a run resumes from (all of them at 0).
+
+        A run that stopped after its last checkpoint (killed, preempted
+        mid-interval) logged steps that the resumed run logs again; without this
+        they would appear twice. A line cut short by a kill is dropped too.
+        Returns how many lines were dropped. The TensorBoard events are left as
+        they are (TensorBoard shows the newest value of a step).
+        """
+        path = os.path.join(self.folder, "metrics.jsonl")
+        if not self.active or not os.path.exists(path):
+            return 0
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if step and _step_of(line) is not None and _step_of(line) <= step]
+        if len(kept) < len(lines):
+            temporary = path + ".tmp"
+            with open(temporary, "w") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+            os.replace(temporary, path)
+            logging.info("metrics: dropped %d record(s) after step %d from %s", len(lines) - len(kept), step, path)
+        return len(lines) - len(kept)
+
     def write_images(self, step: int, name: str, images: np.ndarray) -> None:
         """Log uint8 images [N, H, W, 3] (e.g. one grid) to TensorBoard."""
         if not self.active:
@@ -61,6 +84,46 @@ class MetricWriter:
         """Flush the TensorBoard events to disk."""
         if self._summary is not None:
             self._summary.flush()
+
+
+class DeferredWriter:
+    """Writes each record of scalar metrics one record late, so that the training loop never waits for the device.
+
+    ``push(step, metrics)`` takes device arrays (the step's outputs), starts
+    their copy to the host and writes the record pushed before it, whose
+    arrays are long computed by then; ``flush()`` writes the last one. The
+    values written are exactly those pushed.
+    """
+
+    def __init__(self, writer: MetricWriter, prefix: str = ""):
+        """Write through ``writer``, each name prefixed with ``prefix``."""
+        self.writer, self.prefix = writer, prefix
+        self._pending: tuple[int, dict[str, Any]] | None = None
+
+    def push(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float] | None:
+        """Hold ``metrics`` of ``step``; write the previous record and return it as floats (None if there was none)."""
+        for value in metrics.values():
+            if isinstance(value, jax.Array):
+                value.copy_to_host_async()
+        written = self.flush()
+        self._pending = (step, dict(metrics))
+        return written
+
+    def flush(self) -> dict[str, float] | None:
+        """Write the held record now and return it as floats (None if none is held)."""
+        if self._pending is None:
+            return None
+        step, metrics = self._pending
+        self._pending = None
+        return self.writer.write(step, metrics, prefix=self.prefix)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line, None for a line that is not a whole record."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(folder: str) -> list[dict[str, float]]:

@@ -7,6 +7,8 @@ Top-level keys::
     stages         comma-separated, run in this order: 'autoencoder' (stage 1), 'latents' (the latent cache),
                    'diffusion' (stage 2, which builds the cache first when it is missing)
     image_size     side of the square training images (must equal data.image_size)
+    attention_impl the attention kernel of every model in every stage (ldm_jax/models/attention.py): 'auto',
+                   'xla', 'cudnn' (NVIDIA GPUs), 'einsum', 'pallas_tpu' (TPUs); not part of the model configs
     unet, vae, text_encoder, scheduler   diffusers / transformers config dicts of the models
     vae_from       the frozen VAE for the latent cache and stage 2: '' = this workdir's stage-1 checkpoint
                    (or init_from's VAE); else a stage-1 workdir, a diffusers folder or a single-file SD .safetensors
@@ -27,7 +29,10 @@ from typing import Any, Mapping
 import ml_collections
 
 from ldm_jax.data.config import data_config
-from ldm_jax.parallel import MESH_DEFAULTS, check_mesh_config
+from ldm_jax.models.attention import check_attention_impl
+from ldm_jax.models.layers import REMAT_POLICIES
+from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
+from ldm_jax.training.nonfinite import POLICIES
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS
 
 STAGES = ("autoencoder", "latents", "diffusion")
@@ -52,6 +57,7 @@ AUTOENCODER_DEFAULTS = dict(
     eval_examples=512,
     checkpoint_every=500,
     keep=3,
+    nan_policy="stop",       # a NaN/Inf loss or gradient: 'stop' (with an error naming the step) or 'skip' the update
 )
 
 # The latent cache: posterior moments (mean, logvar) per example, with token ids and captions.
@@ -72,19 +78,22 @@ DIFFUSION_DEFAULTS = dict(
     train_text_encoder=False,  # True: train it jointly (LDM); False: frozen (Stable Diffusion)
     ema_decay=0.9999,        # 0: no EMA
     ema_warmup=True,         # decay min(ema_decay, (1 + step) / (10 + step))
-    dtype="float32",         # compute dtype ('bfloat16' on accelerators); params stay float32
+    dtype="float32",         # compute dtype ('bfloat16' on accelerators); params, optimizer state and EMA stay float32
+    remat_policy="none",     # U-Net activation rematerialization: none, full, dots_saveable,
+                             # dots_with_no_batch_dims_saveable (ldm_jax/models/layers.py)
+    nan_policy="stop",       # a NaN/Inf loss or gradient: 'stop' (with an error naming the step) or 'skip' the update
     log_every=50,
     checkpoint_every=500,
     keep=3,
-    sample_every=500,        # 0: only at the end
+    sample_every=500,        # 0: only at the end; -1: never
     sample_prompts=("",),    # ('',) = the first 8 test-split captions for the built-in data
     sample_steps=25,
     sample_sampler="ddim",
     guidance_scale=4.0,
 )
 
-TOP_LEVEL = ("workdir", "seed", "stages", "image_size", "unet", "vae", "text_encoder", "scheduler", "vae_from",
-             "init_from", "data", "mesh", "autoencoder", "latents", "diffusion")
+TOP_LEVEL = ("workdir", "seed", "stages", "image_size", "attention_impl", "unet", "vae", "text_encoder", "scheduler",
+             "vae_from", "init_from", "data", "mesh", "autoencoder", "latents", "diffusion")
 
 
 def _section(name: str, defaults: Mapping[str, Any], values: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
@@ -105,7 +114,8 @@ def _section(name: str, defaults: Mapping[str, Any], values: Mapping[str, Any] |
 
 def run_config(*, unet: Mapping, vae: Mapping, text_encoder: Mapping, scheduler: Mapping, data: Mapping,
                workdir: str, stages: str = "autoencoder,latents,diffusion", seed: int = 0,
-               image_size: int | None = None, vae_from: str = "", init_from: str = "", mesh: Mapping | None = None,
+               image_size: int | None = None, attention_impl: str = "auto", vae_from: str = "", init_from: str = "",
+               mesh: Mapping | None = None,
                autoencoder: Mapping | None = None, latents: Mapping | None = None,
                diffusion: Mapping | None = None) -> ml_collections.ConfigDict:
     """A locked, validated run config; every section not given gets its defaults."""
@@ -117,6 +127,7 @@ def run_config(*, unet: Mapping, vae: Mapping, text_encoder: Mapping, scheduler:
                                                                       dict(scheduler))
     config.data = data_config(data)
     config.image_size = image_size or config.data.image_size
+    config.attention_impl = attention_impl
     config.vae_from = vae_from
     config.init_from = init_from
     config.mesh = _section("mesh", MESH_DEFAULTS, mesh)
@@ -138,7 +149,14 @@ def stages(config: Mapping[str, Any]) -> list[str]:
 
 
 def validate(config: Mapping[str, Any]) -> None:
-    """Check what can be checked before building anything; errors name the keys and values involved."""
+    """Check what can be checked before building anything; errors name the keys and values involved.
+
+    Raises KeyError for unknown keys, ValueError for values that cannot work
+    together (image size vs the VAE's factor, latent channels, text widths,
+    token lengths, dtypes, step counts, policies). Checks against the devices
+    are `check_devices`'s; checks of ``init_from`` / ``vae_from`` paths are
+    ``ldm_jax.training.sources.check_sources``'.
+    """
     unknown = sorted(set(config) - set(TOP_LEVEL))
     if unknown:
         raise KeyError(f"unknown config key(s) {unknown}; known keys: {sorted(TOP_LEVEL)}")
@@ -152,16 +170,60 @@ def validate(config: Mapping[str, Any]) -> None:
         raise ValueError(f"image_size {config['image_size']} is not divisible by the VAE's downsampling factor "
                          f"{factor} (vae.block_out_channels has {len(config['vae']['block_out_channels'])} entries)")
     latent = config["vae"].get("latent_channels", 4)
-    if config["unet"].get("in_channels", 4) != latent:
-        raise ValueError(f"unet.in_channels {config['unet'].get('in_channels', 4)} differs from "
-                         f"vae.latent_channels {latent}")
+    for key in ("in_channels", "out_channels"):
+        if config["unet"].get(key, 4) != latent:
+            raise ValueError(f"unet.{key} {config['unet'].get(key, 4)} differs from vae.latent_channels {latent}")
     positions = config["text_encoder"]["max_position_embeddings"]
     if config["data"]["max_length"] > positions:
         raise ValueError(f"data.max_length {config['data']['max_length']} exceeds the text encoder's "
                          f"text_encoder.max_position_embeddings {positions}")
     if config["diffusion"]["dtype"] not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"diffusion.dtype must be float32, bfloat16 or float16, got {config['diffusion']['dtype']!r}")
+    check_attention_impl(config["attention_impl"])
+    if config["diffusion"]["remat_policy"] not in REMAT_POLICIES:
+        raise ValueError(f"diffusion.remat_policy must be one of {list(REMAT_POLICIES)}, got "
+                         f"{config['diffusion']['remat_policy']!r}")
     width = config["text_encoder"]["hidden_size"]
     if config["unet"]["cross_attention_dim"] != width:
         raise ValueError(f"unet.cross_attention_dim {config['unet']['cross_attention_dim']} differs from the text "
                          f"encoder's width text_encoder.hidden_size {width}")
+    for section in ("autoencoder", "diffusion"):
+        for key in ("steps", "log_every", "checkpoint_every", "keep"):
+            if config[section][key] < 1:
+                raise ValueError(f"{section}.{key} must be at least 1, got {config[section][key]}")
+        if config[section]["nan_policy"] not in POLICIES:
+            raise ValueError(f"{section}.nan_policy must be one of {POLICIES}, got "
+                             f"{config[section]['nan_policy']!r}")
+
+
+def batch_sizes(config: Mapping[str, Any]) -> dict[str, int]:
+    """The global batch size of each batched job the config's stages run, by the key that sets it."""
+    data = config["data"]["batch_size"]
+    names = stages(config)
+    sizes = {}
+    if "autoencoder" in names:
+        sizes["data.batch_size"] = data
+    if "latents" in names or "diffusion" in names:  # stage 2 builds a missing cache first
+        sizes["latents.batch_size" if config["latents"]["batch_size"] else "data.batch_size"] = (
+            config["latents"]["batch_size"] or data)
+    if "diffusion" in names:
+        sizes["diffusion.batch_size" if config["diffusion"]["batch_size"] else "data.batch_size"] = (
+            config["diffusion"]["batch_size"] or data)
+    return sizes
+
+
+def check_devices(config: Mapping[str, Any], device_count: int, process_count: int = 1) -> None:
+    """ValueError naming the key, the batch size and the mesh when a batch does not split over the devices.
+
+    Runs before anything is compiled: ``mesh`` must tile ``device_count``
+    devices, and every batch size must divide by the data-parallel size
+    (mesh data x fsdp) and by the number of processes.
+    """
+    shape = dict(zip(AXES, mesh_shape(dict(config["mesh"]), device_count)))
+    parallel_size = shape["data"] * shape["fsdp"]
+    for key, size in batch_sizes(config).items():
+        if size % parallel_size:
+            raise ValueError(f"{key} {size} is not divisible by the data-parallel size {parallel_size} (mesh "
+                             f"{shape} over {device_count} devices: data x fsdp)")
+        if size % process_count:
+            raise ValueError(f"{key} {size} is not divisible by the {process_count} processes")
