@@ -32,7 +32,7 @@ def _start(mesh: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow  # two compiles in subprocesses: about 35 s of wall time (CI time budget); run with -m slow
+@pytest.mark.slow  # two compiles in subprocesses: 35-65 s of wall time (CI time budget); run with -m slow
 def test_compile_check_prints_costs_and_fsdp_shrinks_arguments():
     """Both meshes compile at once (2 processes); fsdp=8 holds about an eighth of the state per device."""
     shapes = {"data=8": "{'data': 8, 'fsdp': 1, 'tensor': 1}", "data=1,fsdp=8": "{'data': 1, 'fsdp': 8, 'tensor': 1}"}
