@@ -143,8 +143,10 @@ def stage2():
     return stage2
 
 
-def _assert_matches_reference(stage2, losses: list[float], params: dict) -> None:
-    ref_losses, ref_params = stage2.reference
+def _assert_matches_reference(stage2, losses: list[float], params: dict, reference=None) -> None:
+    """Losses and params equal to ``reference``'s (losses, params) within the stated tolerances; default: the
+    one-device run; and the 3 steps did move the params."""
+    ref_losses, ref_params = stage2.reference if reference is None else reference
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
     moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ref_params),
                                                     jax.tree.leaves(stage2.initial[0].params)))
@@ -179,7 +181,8 @@ def test_fsdp_state_is_born_sharded_and_shrinks_per_device_bytes(stage2):
 @pytest.mark.slow  # about 45 s of wall time and 90 s of CPU (CI time budget): run with -m slow
 def test_two_processes_train_checkpoint_and_restore_like_one(stage2, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1), a hybrid mesh with data across processes:
-    restore the initial state, train 3 steps, save, restore; the result matches one process."""
+    restore the initial state, train 3 steps, save, restore; the result matches one process on 8 devices (the
+    same mesh shape) and one device."""
     workdir = str(tmp_path / "run")
     state, frozen = stage2.created
     with checkpoints.checkpoint_manager(workdir, keep=None) as manager:
@@ -203,7 +206,11 @@ def test_two_processes_train_checkpoint_and_restore_like_one(stage2, tmp_path):
         losses = checkpoints.read_config(manager, worker.STEPS)["losses"]
         restored, _ = diffusion_state.restore_state(manager, worker.STEPS, stage2.task, state, frozen, shardings)
     assert int(restored.step) == worker.STEPS
-    _assert_matches_reference(stage2, losses, jax.tree.map(np.asarray, restored.params))
+    restored_params = jax.tree.map(np.asarray, restored.params)
+    one_process = {**worker.MULTIHOST_MESH, "data": worker.MULTIHOST_MESH["data"] * worker.MULTIHOST_MESH["dcn_data"],
+                   "dcn_data": 1}
+    _assert_matches_reference(stage2, losses, restored_params, _train_on(stage2, one_process))
+    _assert_matches_reference(stage2, losses, restored_params)
 
 
 MICRO_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16,),
