@@ -7,6 +7,18 @@ the same modules.
 
 Check that the weights of a real checkpoint fit this architecture:
   python -c "from ldm_jax import Pipeline; Pipeline.from_pretrained('path/to/sd15')"
+
+Pod shapes it is meant for (not run on a pod here; the bytes follow from the parameter counts).
+The stage-2 state in float32 is 860M U-Net params + AdamW moments + EMA = 13.8 GB, plus the frozen
+text encoder's 123M params (0.5 GB): 14.3 GB, divided by fsdp on each chip (``mesh.frozen=shard``):
+  v4-32 (16 chips x 32 GiB, 4 hosts):    mesh data=16 (the whole state on every chip), or
+                                          data=4,fsdp=4 (3.6 GB a chip) to leave room for activations
+  v5e-64 (64 chips x 16 GiB, 16 hosts):  mesh data=8,fsdp=8: the whole state and its gradients would
+                                          not fit a 16 GiB chip; split 8 ways it is 1.8 GB (1.66 GiB)
+  2 x v5e-256 (multislice):              mesh data=32,fsdp=8,dcn_data=2
+Activation memory depends on the batch a chip gets and is not estimated here.
+Before renting one, compile the step for the mesh on fake CPU devices (README, "Scaling out"):
+  python -m ldm_jax.compile_check --config configs/sd15.py --mesh data=1,fsdp=8,tensor=1 --devices 8 --batch 8
 """
 
 import ml_collections

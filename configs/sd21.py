@@ -5,6 +5,17 @@ Variants:
   configs/sd21.py:base   SD 2.1-base (512x512, epsilon prediction)
 
 Model sections use the keys of the diffusers / transformers config files.
+
+Pod shapes it is meant for (not run on a pod here; the bytes follow from the parameter counts).
+The U-Net (866M) is SD 1.5's size, so its state with AdamW moments and EMA is 13.9 GB in float32, and
+the frozen OpenCLIP-H text encoder (23 layers, 340M params) adds 1.4 GB: 15.2 GB, divided by fsdp on
+each chip (``mesh.frozen=shard``, the default). 768px images give 96x96 latents, 2.25x the activations
+of 512px (64x64), so these shapes use more fsdp than configs/sd15.py's:
+  v4-64 (32 chips x 32 GiB, 8 hosts):    mesh data=8,fsdp=4 (3.8 GB of state a chip)
+  v5e-64 (64 chips x 16 GiB, 16 hosts):  mesh data=4,fsdp=16 (1.0 GB a chip); ``:base`` (512px)
+                                          data=8,fsdp=8 (1.9 GB a chip)
+  2 x v5e-256 (multislice):              mesh data=16,fsdp=16,dcn_data=2
+Check a mesh first with ``python -m ldm_jax.compile_check --config configs/sd21.py --mesh ...``.
 """
 
 import ml_collections

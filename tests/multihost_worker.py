@@ -34,11 +34,11 @@ OPTIMIZER = dict(OPTIMIZER_DEFAULTS, learning_rate=1e-3, eps=1e-3)
 
 
 def model_configs() -> dict[str, dict]:
-    """configs/tiny.py with a one-level U-Net and a one-layer text encoder (fewer ops to compile)."""
+    """configs/tiny.py with a one-level U-Net (attention and cross-attention in its middle block only) and a
+    one-layer text encoder: fewer ops to compile."""
     config = tiny.get_config()
     configs = {name: config[name].to_dict() for name in ("unet", "vae", "text_encoder", "scheduler")}
-    configs["unet"].update(down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
-                           block_out_channels=(32,))
+    configs["unet"].update(down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), block_out_channels=(32,))
     configs["text_encoder"]["num_hidden_layers"] = 1
     return configs
 

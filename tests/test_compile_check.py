@@ -11,6 +11,7 @@ import pytest
 
 from configs import tiny
 from ldm_jax.parallel import parse_mesh
+from ldm_jax.pipeline import abstract_params
 from ldm_jax.training import compile_cost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,21 +19,41 @@ NUMBERS = ("flops_per_device", "flops_all_devices", "argument_bytes_per_device",
            "temp_bytes_per_device", "total_bytes_per_device")
 
 
+# configs/tiny.py shrunk on the command line (one U-Net level, one text-encoder layer): shorter compiles, and it
+# shows config overrides reaching the tool.
+SMALLER = {("unet", "down_block_types"): ("CrossAttnDownBlock2D",), ("unet", "up_block_types"): ("CrossAttnUpBlock2D",),
+           ("unet", "block_out_channels"): (32,), ("text_encoder", "num_hidden_layers"): 1}
+
+
+def _smaller_unet_params() -> int:
+    """The parameter count of configs/tiny.py's U-Net with the SMALLER overrides, from its abstract params."""
+    config = tiny.get_config()
+    for (section, key), value in SMALLER.items():
+        config[section][key] = value
+    unet = compile_cost.build_task(config, "float32")[0].unet
+    return sum(x.size for x in jax.tree.leaves(abstract_params(unet, "unet", config.unet.to_dict())))
+
+
 def _start(mesh: str) -> subprocess.Popen:
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "XLA_FLAGS": ""}
-    return subprocess.Popen([sys.executable, "-m", "ldm_jax.compile_check", "--config", "configs/tiny.py",
+    overrides = [f"--config.{section}.{key}={value!r}" for (section, key), value in SMALLER.items()]
+    return subprocess.Popen([sys.executable, "-m", "ldm_jax.compile_check", "--config", "configs/tiny.py", *overrides,
                              "--mesh", mesh, "--devices", "8", "--batch", "8"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # two compiles in subprocesses: 35-65 s of wall time (CI time budget); run with -m slow
 def test_compile_check_prints_costs_and_fsdp_shrinks_arguments():
     """Both meshes compile at once (2 processes); fsdp=8 holds about an eighth of the state per device."""
-    procs = {mesh: _start(mesh) for mesh in ("data=8", "data=1,fsdp=8")}
+    shapes = {"data=8": "{'data': 8, 'fsdp': 1, 'tensor': 1}", "data=1,fsdp=8": "{'data': 1, 'fsdp': 8, 'tensor': 1}"}
+    procs = {mesh: _start(mesh) for mesh in shapes}
+    unet_params = _smaller_unet_params()
     printed = {}
     for mesh, proc in procs.items():
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-        assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1} on 8 cpu devices" in out or mesh != "data=8"
+        assert f"mesh {shapes[mesh]} on 8 cpu devices, batch 8" in out
+        assert f"params unet (trained): {unet_params:,}" in out  # the overrides reached the tool
         printed[mesh] = {key: float(re.search(rf"^{key} (\S+)", out, re.M).group(1)) for key in NUMBERS}
         assert all(value > 0 for value in printed[mesh].values()), out
         assert printed[mesh]["flops_all_devices"] == pytest.approx(8 * printed[mesh]["flops_per_device"], rel=1e-3)
