@@ -31,10 +31,14 @@ def lowered_flops(lowered: Any) -> float:
     Counted before XLA fuses or rewrites anything, so with a plain-XLA
     attention and no rematerialization this is the model's FLOP count; a
     compiled program's count can miss custom calls (cuDNN kernels) and adds
-    recomputation.
+    recomputation. Where the backend does not analyse lowered programs (the
+    GPU backend of jax 0.11 returns None), the compiled program's count.
     """
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of one dict on older jax
+    if not cost or "flops" not in cost:
+        cost = lowered.compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
 

@@ -43,7 +43,7 @@ TEXT_ENCODER = dict(
     max_position_embeddings=16, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=128,
     bos_token_id=587, eos_token_id=588, pad_token_id=588,
 )
-# configs/vae.py: L1 + KL for 400 steps, then the PatchGAN joins for the last 200. The base run trains 1600
+# configs/vae.py: L1 + KL for 400 steps, then the PatchGAN joins for the last 200. The base run trains 1200
 # L1 + KL steps at batch 8 instead (BASE_AUTOENCODER): on XLA:CPU a step with the GAN costs 3.5x one without, and
 # over the same images batch 8 beat batch 16 (checker shape accuracy on reconstructions 70% vs 58%; README "Results").
 AUTOENCODER = dict(
@@ -53,9 +53,10 @@ AUTOENCODER = dict(
 )
 
 
-BASE_AUTOENCODER = dict(AUTOENCODER, steps=1600, disc_start=10**9, eval_every=800, checkpoint_every=800)
+BASE_AUTOENCODER = dict(AUTOENCODER, steps=1200, disc_start=10**9, eval_every=600, eval_examples=500,
+                        checkpoint_every=600)
 DIFFUSION = dict(
-    steps=1600, batch_size=32, optimizer=dict(learning_rate=1e-3, weight_decay=0.01, grad_clip=1.0,
+    steps=1200, batch_size=32, optimizer=dict(learning_rate=1e-3, weight_decay=0.01, grad_clip=1.0,
                                               warmup_steps=100, schedule="cosine", end_factor=0.1),
     # Plain v-prediction MSE, no min-SNR weighting: min-SNR-5 gives the high-noise steps, where the layout is
     # decided, an x0 weight of min(snr, 5) (0.005 at t = 999), and position stayed at chance (20% vs 99%).

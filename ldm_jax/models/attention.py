@@ -13,8 +13,9 @@ top-level ``attention_impl``) picks the kernel:
 ``cudnn``     cuDNN's fused flash attention (NVIDIA GPUs only):
               ``jax.nn.dot_product_attention(implementation='cudnn')`` for
               the calls cuDNN takes (bfloat16 / float16 inputs, head width a
-              multiple of 8 up to 128, 256 on Hopper or later); the others
-              (float32 ``upcast_attention``, the VAE's single 512-wide head)
+              multiple of 8 up to 128, 256 on Hopper or later, even
+              sequence lengths); the others (float32 ``upcast_attention``,
+              the VAE's single 512-wide head, cross-attention to 77 tokens)
               run XLA's implementation
 ``einsum``    two heads-first batched matmuls around a float32 softmax (the
               fastest layout on XLA:CPU)
@@ -69,7 +70,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Ar
     q, k, v = split(q), split(k), split(v)
     if impl == "auto" and jax.default_backend() == "cpu":
         impl = "einsum"
-    if impl == "cudnn" and not _cudnn_supports(q):
+    if impl == "cudnn" and not _cudnn_supports(q, k):
         impl = "xla"
     if impl == "einsum":
         out = einsum_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), mask, is_causal)
@@ -82,9 +83,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Ar
                                         implementation=implementation).reshape(b, tq, d)
 
 
-def _cudnn_supports(q: jax.Array) -> bool:
-    """Whether cuDNN's flash attention takes heads-last ``q`` [B, T, N, H] (dtype and head width)."""
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
+def _cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
+    """Whether cuDNN's flash attention takes heads-last ``q`` [B, Tq, N, H], ``k`` [B, Tk, N, H].
+
+    Dtype, head width, and even sequence lengths: JAX refuses cuDNN's
+    training kernels for an odd length ("Unsupported sequence length Q 4096,
+    KV 77" on an H200 for SD's cross-attention to 77 tokens), so 77-token
+    attention runs XLA's.
+    """
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] % 2 or k.shape[1] % 2:
         return False
     capability = getattr(jax.devices()[0], "compute_capability", "0.0")
     widest = 256 if tuple(int(x) for x in capability.split(".")[:2]) >= (9, 0) else 128
