@@ -31,7 +31,7 @@ from ldm_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model or run config file (configs/*.py[:variant]).")
 _MESH = flags.DEFINE_string("mesh", None, "Mesh sizes, e.g. 'data=1,fsdp=8,tensor=1' (default: the config's "
-                            "mesh section, else all data).")
+                            "mesh section, else all data); the config's mesh.axis_rules apply either way.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "Number of fake CPU devices.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
@@ -65,7 +65,9 @@ def main(argv: list[str]) -> None:
     use_fake_cpu_devices(_DEVICES.value)
     from ldm_jax.training import compile_cost  # after the device count is fixed
     config = _CONFIG.value
-    mesh_config = parallel.parse_mesh(_MESH.value) if _MESH.value is not None else dict(config.get("mesh", {}))
+    mesh_config = dict(config.get("mesh", {}))
+    if _MESH.value is not None:  # the flag's sizes replace the config's; its axis rules stay
+        mesh_config = {**parallel.parse_mesh(_MESH.value), "axis_rules": parallel.axis_rules(mesh_config)}
     if _FROZEN.value:
         mesh_config["frozen"] = _FROZEN.value
     started = time.time()

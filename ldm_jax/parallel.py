@@ -2,9 +2,10 @@
 
 The mesh has the axes ``('data', 'fsdp', 'tensor')``. Batches are split over
 ``('data', 'fsdp')``; parameters carry logical axis names (see
-``ldm_jax.models.layers``) that ``LOGICAL_AXIS_RULES`` maps to mesh axes:
-with ``fsdp > 1`` the large parameter dimensions are split over ``fsdp``,
-with ``tensor > 1`` attention heads and MLP widths over ``tensor``.
+``ldm_jax.models.layers``) that the config's ``mesh.axis_rules`` map to mesh
+axes; by default (``LOGICAL_AXIS_RULES``) with ``fsdp > 1`` the large parameter
+dimensions are split over ``fsdp``, with ``tensor > 1`` attention heads and
+MLP widths over ``tensor``.
 
 The ``mesh`` section of a config::
 
@@ -19,6 +20,10 @@ The ``mesh`` section of a config::
     frozen               'shard': the params of frozen models (the VAE; the text encoder when not trained)
                          are laid out by the same rules as trained ones (less memory, an all-gather per
                          use); 'replicate': a whole copy on every device (no collectives for them)
+    axis_rules           (logical_name, mesh_axis_or_None) pairs, the whole table (a logical name left out is
+                         replicated); a mesh axis may be a tuple of axes, e.g. ('batch', ('data', 'fsdp')).
+                         Default: ``LOGICAL_AXIS_RULES``. On the command line as a Python literal:
+                         --config.mesh.axis_rules="(('batch', ('data', 'fsdp')), ('embed', None), ...)"
 
 Parameter shardings are checked against the parameters' shapes before
 anything is compiled (`logical_shardings`): a dimension that its mesh axes do
@@ -46,7 +51,6 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 DCN_KEYS = {"dcn_data": "data", "dcn_fsdp": "fsdp"}
 FROZEN_LAYOUTS = ("shard", "replicate")
-MESH_DEFAULTS = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, frozen="shard")
 
 LOGICAL_AXIS_RULES = (
     ("batch", BATCH_AXES),
@@ -64,18 +68,45 @@ LOGICAL_AXIS_RULES = (
     ("length", None),
     ("group", None),
 )
+MESH_DEFAULTS = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, frozen="shard", axis_rules=LOGICAL_AXIS_RULES)
 MAX_LISTED = 8  # offending parameters named in one error
 FSDP_WHOLE_BYTES = 2**20  # a parameter up to this size whose fsdp dimension does not divide stays whole
 
 
 def check_mesh_config(mesh_config: Mapping[str, Any]) -> None:
-    """ValueError naming unknown keys of a ``mesh`` section or a ``frozen`` layout that is not one of FROZEN_LAYOUTS."""
+    """ValueError naming unknown keys of a ``mesh`` section, a ``frozen`` layout that is not one of FROZEN_LAYOUTS
+    or a problem of its ``axis_rules`` (`axis_rules`)."""
     unknown = sorted(set(mesh_config) - set(MESH_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown mesh axes {unknown}; the mesh keys are {list(MESH_DEFAULTS)}")
     frozen = mesh_config.get("frozen", MESH_DEFAULTS["frozen"])
     if frozen not in FROZEN_LAYOUTS:
         raise ValueError(f"mesh.frozen must be one of {FROZEN_LAYOUTS}, got {frozen!r}")
+    axis_rules(mesh_config)
+
+
+def axis_rules(mesh_config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A ``mesh`` section's ``axis_rules`` (default ``LOGICAL_AXIS_RULES``) as (logical name, mesh axes) tuples.
+
+    ValueError naming an entry that is not a pair, mesh axes not in ``AXES``,
+    or logical names listed more than once.
+    """
+    rules = []
+    for rule in mesh_config.get("axis_rules", LOGICAL_AXIS_RULES):
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"mesh.axis_rules entry {rule!r} is not a (logical_name, mesh_axis_or_None) pair")
+        name, axes = rule
+        rules.append((name, tuple(axes) if isinstance(axes, (tuple, list)) else axes))
+    used = [a for _, axes in rules for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None]
+    unknown = sorted({repr(a) for a in used if a not in AXES})
+    if unknown:
+        raise ValueError(f"mesh.axis_rules maps to unknown mesh axes {', '.join(unknown)}; the mesh axes are "
+                         f"{list(AXES)}")
+    names = [name for name, _ in rules]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"mesh.axis_rules lists the logical axes {twice} more than once")
+    return tuple(rules)
 
 
 def slice_shapes(mesh_config: Mapping[str, Any], device_count: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

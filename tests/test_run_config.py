@@ -5,6 +5,8 @@ import json
 import os
 import re
 
+import flax
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -12,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from configs import base, vae
 from ldm_jax import parallel, train
+from ldm_jax.pipeline import abstract_params, build_modules
 from ldm_jax.training import checkpoints, run_config
 from ldm_jax.training import sources as sources_lib
 
@@ -74,6 +77,33 @@ def test_mesh_section_is_validated_with_the_config():
     with pytest.raises(ValueError, match="mesh.frozen must be one of"):
         run_config.run_config(**_sections(mesh=dict(frozen="all")))
     assert run_config.run_config(**_sections(mesh=dict(dcn_data=2, frozen="replicate"))).mesh.dcn_data == 2
+
+
+@pytest.mark.parametrize("rules,message", [
+    ((("embed", "fsdp"), ("mlp", "fdsp")), r"mesh.axis_rules maps to unknown mesh axes 'fdsp'; the mesh axes are "
+     r"\['data', 'fsdp', 'tensor'\]"),
+    ((("embed", "fsdp"), ("mlp", "tensor"), ("embed", None)),
+     r"mesh.axis_rules lists the logical axes \['embed'\] more than once"),
+    ((("embed",),), r"mesh.axis_rules entry \('embed',\) is not a \(logical_name, mesh_axis_or_None\) pair"),
+])
+def test_bad_axis_rules_fail_validation_with_the_problem_named(rules, message):
+    with pytest.raises(ValueError, match=message):
+        run_config.run_config(**_sections(mesh=dict(axis_rules=rules)))
+
+
+def test_axis_rules_of_the_config_lay_out_the_parameters():
+    """mesh.axis_rules mapping 'embed' to None: no U-Net parameter is split over fsdp along an embed dimension."""
+    rules = tuple((name, None if name == "embed" else axes) for name, axes in parallel.LOGICAL_AXIS_RULES)
+    config = run_config.run_config(**_sections(mesh=dict(data=1, fsdp=8, axis_rules=rules)))
+    abstract = abstract_params(build_modules(config)["unet"], "unet", config.unet)
+    boxed = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, flax.linen.LogicallyPartitioned))
+    mesh = parallel.make_mesh(config.mesh)
+
+    def embed_specs(axis_rules):
+        shardings = jax.tree.leaves(parallel.logical_shardings(abstract, mesh, axis_rules))
+        return [s.spec[box.names.index("embed")] for box, s in zip(boxed, shardings) if "embed" in box.names]
+    assert "fsdp" in embed_specs(parallel.LOGICAL_AXIS_RULES)
+    assert set(embed_specs(parallel.axis_rules(config.mesh))) == {None}
 
 
 def test_batch_must_split_over_the_data_parallel_axes():

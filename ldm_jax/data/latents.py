@@ -131,16 +131,19 @@ def _encode_moments(vae: AutoencoderKL, params: Any, images: jax.Array) -> tuple
     return posterior.mean, posterior.logvar
 
 
-def vae_shardings(module: AutoencoderKL, mesh: jax.sharding.Mesh, layout: str) -> Any:
-    """Shardings of a frozen VAE's params for ``mesh.frozen`` = ``layout`` ('shard' or 'replicate')."""
+def vae_shardings(module: AutoencoderKL, mesh: jax.sharding.Mesh, layout: str,
+                  rules: Any = parallel.LOGICAL_AXIS_RULES) -> Any:
+    """Shardings of a frozen VAE's params for ``mesh.frozen`` = ``layout`` ('shard' or 'replicate') and the
+    logical axis ``rules`` (``mesh.axis_rules``)."""
     config = {"block_out_channels": module.block_out_channels, "in_channels": module.in_channels}
-    return parallel.frozen_shardings(abstract_params(module, "vae", config), mesh, layout)
+    return parallel.frozen_shardings(abstract_params(module, "vae", config), mesh, layout, rules)
 
 
-def encode_fn(vae: FrozenVAE, mesh: jax.sharding.Mesh, layout: str) -> tuple[Callable, Any]:
+def encode_fn(vae: FrozenVAE, mesh: jax.sharding.Mesh, layout: str,
+              rules: Any = parallel.LOGICAL_AXIS_RULES) -> tuple[Callable, Any]:
     """The jitted encoder ``fn(params, images) -> (mean, logvar)``, batch-sharded, and the VAE's params placed
-    for it per ``layout`` (see ``ldm_jax.parallel``)."""
-    shardings = vae_shardings(vae.module, mesh, layout)
+    for it per ``layout`` and ``rules`` (`vae_shardings`)."""
+    shardings = vae_shardings(vae.module, mesh, layout, rules)
     batch = parallel.batch_sharding(mesh)
     fn = jax.jit(functools.partial(_encode_moments, vae.module), in_shardings=(shardings, batch),
                  out_shardings=batch)
@@ -192,7 +195,7 @@ def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: 
     per_host = data["batch_size"] // jax.process_count()
     batches = int(np.max(multihost_utils.process_allgather(np.asarray(math.ceil(iterator.size / per_host)))))
     batch_sharding = parallel.batch_sharding(mesh)
-    encode, params = encode_fn(vae, mesh, config["mesh"]["frozen"])
+    encode, params = encode_fn(vae, mesh, config["mesh"]["frozen"], parallel.axis_rules(config["mesh"]))
     out = os.path.join(folder, split)
     os.makedirs(out, exist_ok=True)
     writer = _ShardWriter(out, jax.process_index(), config["latents"]["shard_size"])

@@ -116,7 +116,8 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest
     rng = jax.random.key(config["seed"])
     image_shape = (config["image_size"], config["image_size"], loss_cfg.vae.in_channels)
     init = functools.partial(ae_step.init_state, loss_cfg, optimizers, image_shape=image_shape)
-    state, shardings = parallel.sharded_init(init, mesh, jax.random.fold_in(rng, 0))
+    state, shardings = parallel.sharded_init(init, mesh, jax.random.fold_in(rng, 0),
+                                             rules=parallel.axis_rules(config["mesh"]))
 
     manager = checkpoints.checkpoint_manager(folder, keep=ae["keep"])
     start = checkpoints.resume_step(manager, "stage 1")

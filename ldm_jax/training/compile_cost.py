@@ -79,7 +79,8 @@ def compile_train_step(config: Mapping[str, Any], mesh_config: Mapping[str, Any]
     frozen_layout = dict(mesh_config).get("frozen", parallel.MESH_DEFAULTS["frozen"])
     task, configs, settings = build_task(config, dtype)
     optimizer = make_optimizer(settings["optimizer"], settings["steps"])
-    state, frozen = diffusion_state.abstract_state(task, configs, optimizer, mesh, frozen_layout)
+    state, frozen = diffusion_state.abstract_state(task, configs, optimizer, mesh, frozen_layout,
+                                                   parallel.axis_rules(mesh_config))
     shardings = jax.tree.map(lambda x: x.sharding, (state, frozen))
     step = diffusion_state.jit_train_step(task, optimizer, mesh, shardings)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))

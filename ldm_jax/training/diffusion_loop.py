@@ -113,9 +113,10 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
     optimizer = make_optimizer(d["optimizer"], d["steps"])
     schedule = learning_rate_schedule({**OPTIMIZER_DEFAULTS, **d["optimizer"]}, d["steps"])
     rng = jax.random.key(config["seed"])
-    layout = config["mesh"]["frozen"]
+    layout, rules = config["mesh"]["frozen"], parallel.axis_rules(config["mesh"])
     state, frozen, shardings = diffusion_state.create_state(stage.task, stage.configs, optimizer, mesh,
-                                                            jax.random.fold_in(rng, 0), stage.pretrained, layout)
+                                                            jax.random.fold_in(rng, 0), stage.pretrained, layout,
+                                                            rules)
     manager = checkpoints.checkpoint_manager(workdir, keep=d["keep"])
     start = checkpoints.resume_step(manager, "stage 2")
     if start >= d["steps"]:
@@ -129,7 +130,7 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
     tracker = NonFiniteTracker(d["nan_policy"], stage="stage 2", policy_key="diffusion.nan_policy", previous=skips)
 
     step_fn = diffusion_state.jit_train_step(stage.task, optimizer, mesh, shardings)
-    vae_params = jax.device_put(stage.vae.params, latents.vae_shardings(stage.vae.module, mesh, layout))
+    vae_params = jax.device_put(stage.vae.params, latents.vae_shardings(stage.vae.module, mesh, layout, rules))
     empty = np.asarray(tokenize(stage.tokenizer, [""], stage.max_length), np.int32)
     prompts = sample_prompts(config)
     cond = np.asarray(tokenize(stage.tokenizer, prompts, stage.max_length), np.int32)

@@ -3,8 +3,9 @@
 Shared by the stage-2 loop, ``python -m ldm_jax.compile_check`` and the
 multi-process test, so that all three lay out and step the same state. The
 shardings come from ``jax.eval_shape`` of `init_state` and the logical axis
-rules (``ldm_jax.parallel``), checked against the parameters' shapes before
-anything is compiled; the frozen text encoder follows ``mesh.frozen``.
+rules (the config's ``mesh.axis_rules``, see ``ldm_jax.parallel``), checked
+against the parameters' shapes before anything is compiled; the frozen text
+encoder follows ``mesh.frozen``.
 """
 
 import functools
@@ -57,28 +58,33 @@ def _boxed_shapes(task: DiffusionTask, configs: Mapping[str, dict],
 
 
 def state_shardings(task: DiffusionTask, configs: Mapping[str, dict], optimizer: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, frozen_layout: str = "shard") -> tuple[TrainState, dict[str, Any]]:
-    """The shardings of (state, frozen params), from their abstract shapes; ValueError naming parameters that
-    do not fit the mesh (before anything is compiled)."""
+                    mesh: jax.sharding.Mesh, frozen_layout: str = "shard",
+                    rules: Any = parallel.LOGICAL_AXIS_RULES) -> tuple[TrainState, dict[str, Any]]:
+    """The shardings of (state, frozen params), from their abstract shapes and the logical axis ``rules``;
+    ValueError naming parameters that do not fit the mesh (before anything is compiled)."""
     state, frozen = _boxed_shapes(task, configs, optimizer)
-    return parallel.logical_shardings(state, mesh), parallel.frozen_shardings(frozen, mesh, frozen_layout)
+    return (parallel.logical_shardings(state, mesh, rules),
+            parallel.frozen_shardings(frozen, mesh, frozen_layout, rules))
 
 
 def create_state(task: DiffusionTask, configs: Mapping[str, dict], optimizer: optax.GradientTransformation,
                  mesh: jax.sharding.Mesh, rng: jax.Array, pretrained: dict[str, Any] | None = None,
-                 frozen_layout: str = "shard") -> tuple[TrainState, dict[str, Any], tuple[TrainState, dict]]:
-    """A train state and frozen params born sharded on ``mesh``, and their shardings."""
-    shardings = state_shardings(task, configs, optimizer, mesh, frozen_layout)
+                 frozen_layout: str = "shard", rules: Any = parallel.LOGICAL_AXIS_RULES
+                 ) -> tuple[TrainState, dict[str, Any], tuple[TrainState, dict]]:
+    """A train state and frozen params born sharded on ``mesh`` (`state_shardings`), and their shardings."""
+    shardings = state_shardings(task, configs, optimizer, mesh, frozen_layout, rules)
     (state, frozen), _ = parallel.sharded_init(functools.partial(init_state, task, configs, optimizer), mesh, rng,
                                                pretrained, shardings=shardings)
     return state, frozen, shardings
 
 
 def abstract_state(task: DiffusionTask, configs: Mapping[str, dict], optimizer: optax.GradientTransformation,
-                   mesh: jax.sharding.Mesh, frozen_layout: str = "shard") -> tuple[TrainState, dict[str, Any]]:
-    """(state, frozen) as ``ShapeDtypeStruct``s placed on their shardings: nothing is allocated."""
+                   mesh: jax.sharding.Mesh, frozen_layout: str = "shard",
+                   rules: Any = parallel.LOGICAL_AXIS_RULES) -> tuple[TrainState, dict[str, Any]]:
+    """(state, frozen) as ``ShapeDtypeStruct``s placed on their shardings (`state_shardings`): nothing is
+    allocated."""
     shapes = nn.meta.unbox(_boxed_shapes(task, configs, optimizer))
-    return checkpoints.abstract_like(shapes, state_shardings(task, configs, optimizer, mesh, frozen_layout))
+    return checkpoints.abstract_like(shapes, state_shardings(task, configs, optimizer, mesh, frozen_layout, rules))
 
 
 def jit_train_step(task: DiffusionTask, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,

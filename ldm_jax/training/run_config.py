@@ -15,7 +15,10 @@ Top-level keys::
     init_from      fine-tune a pretrained pipeline (diffusers folder or single-file SD .safetensors): its
                    U-Net, text encoder, VAE, scale factor and tokenizer replace the config's models
     data           the data section (ldm_jax/data/config.py)
-    mesh           the device mesh: axis sizes within and across slices, frozen models' layout (ldm_jax/parallel.py)
+    mesh           the device mesh: axis sizes within and across slices, frozen models' layout, and
+                   axis_rules, the (logical_name, mesh_axis_or_None) pairs that lay parameters out over the mesh
+                   (default parallel.LOGICAL_AXIS_RULES; unknown mesh axes or a logical name listed twice are
+                   errors) (ldm_jax/parallel.py)
     autoencoder    stage-1 training (AUTOENCODER_DEFAULTS below)
     latents        the latent cache (LATENTS_DEFAULTS below)
     diffusion      stage-2 training (DIFFUSION_DEFAULTS below)
