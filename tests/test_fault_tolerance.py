@@ -1,0 +1,308 @@
+"""Fault tolerance of ``python -m ldm_jax.train``: real processes, real signals, real orbax checkpoints on disk.
+
+Every run is the same command: stage 2 of ``configs/tiny.py:run`` on an image
+folder (48 readable images in every colour mode plus 4 broken files) whose
+latent cache has one NaN example, met at step 5; 6 steps, checkpoints every
+3, ``nan_policy='skip'``, one CPU device. The runs differ only in how they are
+interrupted. Two lanes run side by side:
+
+    interrupted:  SIGTERM after the first logged step  ->  restart, killed (SIGKILL) while committing its
+                  next checkpoint  ->  restart to the end
+    reference:    uninterrupted  ->  the same with nan_policy='stop', in a fresh workdir
+
+The module fixture runs both lanes and records what happened; each test
+checks one outcome. The kill mid-save is exact: the process SIGKILLs itself
+inside orbax at the rename that commits the step folder, so everything else
+of the save (items, ``commit_success.txt``) is on disk, as when a machine dies
+at that instant.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from ldm_jax.data import latents, shapes
+from ldm_jax.models.clip import load_tokenizer
+from ldm_jax.pipeline import Pipeline
+from ldm_jax.training import checkpoints
+from ldm_jax.training.latent_cache import ensure_latents
+from ldm_jax.training.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY, BATCH, IMAGES = 6, 3, 8, 48  # 48 images: one epoch, so each example is met once
+NAN_STEP, LAST_GOOD = 5, 3  # the NaN example is in the batch of step 5; the checkpoint before it is step 3
+BROKEN = {"corrupt.png": b"\x89PNG\r\n\x1a\n not a png", "empty.png": b""}
+COMPARED = ("train/loss", "train/mse", "train/grad_norm", "train/lr", "train/weight", "train/nonfinite_skips")
+TIMEOUT = 900
+
+# Runs ldm_jax.train with orbax's rename patched: the rename that commits a step folder kills the process first.
+KILL_AT_COMMIT = """
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+rename = atomicity.async_path.rename
+async def rename_or_die(source, target):
+    if target.name.isdigit():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await rename(source, target)
+atomicity.async_path.rename = rename_or_die
+sys.argv[0] = "ldm_jax.train"
+runpy.run_module("ldm_jax.train", run_name="__main__")
+"""
+
+
+def _write_images(folder: str) -> None:
+    """IMAGES shapes images in six colour modes with captions (two empty), and BROKEN files, in captions.jsonl."""
+    os.makedirs(folder)
+    records = []
+    for i in range(IMAGES):
+        example = shapes.example("train", i)
+        image, name = Image.fromarray(example["image"]), f"{i:03d}.png"
+        mode = i % 6
+        if mode == 1:
+            image = image.convert("L")
+        elif mode == 2:
+            image = image.convert("RGBA")
+        elif mode == 3:
+            image = Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257)  # 16-bit grey
+        elif mode == 4:
+            image, name = image.convert("CMYK"), f"{i:03d}.jpg"
+        elif mode == 5:
+            image = image.convert("P")
+        image.save(os.path.join(folder, name))
+        records.append({"file": name, "caption": None if i == 7 else "" if i == 8 else example["caption"]})
+    png, jpeg = (pathlib.Path(folder, name).read_bytes() for name in ("000.png", "004.jpg"))
+    broken = {**BROKEN, "truncated.png": png[:len(png) // 2], "truncated.jpg": jpeg[:200]}
+    for name, content in broken.items():
+        pathlib.Path(folder, name).write_bytes(content)
+        records.insert(3 * len(records) // 4, {"file": name, "caption": "broken"})
+    with open(os.path.join(folder, "captions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _overrides(root: str) -> dict[str, object]:
+    """The command-line overrides of configs/tiny.py:run that every run uses."""
+    return {"stages": "diffusion", "vae_from": os.path.join(root, "vae"), "latents.dir": os.path.join(root, "latents"),
+            "data.source": "folder", "data.name": "", "data.data_dir": os.path.join(root, "images"),
+            "data.tokenizer": os.path.join(root, "tokenizer"),
+            "diffusion.steps": STEPS, "diffusion.checkpoint_every": EVERY, "diffusion.keep": 5,
+            "diffusion.nan_policy": "skip", "diffusion.sample_every": -1}
+
+
+def _config(root: str):
+    """configs/tiny.py:run with `_overrides`, as the command line sets them."""
+    config = tiny.get_config("run")
+    for key, value in _overrides(root).items():
+        *parents, leaf = key.split(".")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        section[leaf] = value
+    return config
+
+
+def _poison(cache: str, step: int) -> None:
+    """Set the cached mean of the first example of ``step``'s batch (1-based) to NaN."""
+    index = next(latents.LatentIterator(cache, "train", BATCH, seed=0, start_step=step - 1))["index"][0]
+    for stem, _ in latents.read_manifest(cache)["splits"]["train"]["shards"]:
+        rows = np.flatnonzero(np.load(os.path.join(cache, f"{stem}.index.npy")) == index)
+        if len(rows):
+            mean = np.load(os.path.join(cache, f"{stem}.mean.npy"))
+            mean[rows[0]] = np.nan
+            np.save(os.path.join(cache, f"{stem}.mean.npy"), mean)
+            return
+    raise AssertionError(f"example {index} not in {cache}")
+
+
+class Runner:
+    """Starts ``ldm_jax.train`` processes (one CPU device, as fast compiles as the tests) and keeps their logs."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+                    "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+
+    def start(self, name: str, workdir: str, *extra: str, kill_at_commit: bool = False) -> subprocess.Popen:
+        """Start run ``name`` (its stderr goes to ROOT/name.log)."""
+        args = ["--config", os.path.join(ROOT, "configs", "tiny.py") + ":run", "--workdir", workdir,
+                *(f"--config.{key}={value}" for key, value in _overrides(self.root).items()), *extra]
+        program = ["-c", KILL_AT_COMMIT] if kill_at_commit else ["-m", "ldm_jax.train"]
+        with open(os.path.join(self.root, f"{name}.log"), "w") as log:
+            return subprocess.Popen([sys.executable, *program, *args], env=self.env, stdout=log, stderr=log, cwd=ROOT)
+
+    def finish(self, name: str, process: subprocess.Popen) -> tuple[int, str]:
+        """Wait for ``process``; its exit status and log."""
+        code = process.wait(timeout=TIMEOUT)
+        with open(os.path.join(self.root, f"{name}.log")) as f:
+            return code, f.read()
+
+    def run(self, name: str, workdir: str, *extra: str, **kwargs) -> tuple[int, str]:
+        """Start run ``name`` and wait for it."""
+        return self.finish(name, self.start(name, workdir, *extra, **kwargs))
+
+
+def _wait_for_logged_step(workdir: str, process: subprocess.Popen) -> None:
+    """Block until ``workdir``'s metrics.jsonl has a training step (or the process ended)."""
+    deadline = time.time() + TIMEOUT
+    while process.poll() is None and time.time() < deadline:
+        if any("train/loss" in r for r in _records(workdir)):
+            return
+        time.sleep(0.05)
+
+
+def _records(workdir: str) -> list[dict]:
+    """metrics.jsonl records, tolerating a line being written right now."""
+    try:
+        return read_metrics(workdir)
+    except ValueError:
+        return []
+
+
+def _interrupted_lane(runner: Runner, out: dict) -> None:
+    workdir = os.path.join(runner.root, "interrupted")
+    first = runner.start("sigterm", workdir)
+    _wait_for_logged_step(workdir, first)
+    first.send_signal(signal.SIGTERM)
+    out["sigterm"] = runner.finish("sigterm", first)
+    out["after_sigterm"] = checkpoints.available_steps(workdir)
+    out["rows_after_sigterm"] = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+    out["killed"] = runner.run("killed", workdir, kill_at_commit=True)
+    folder = checkpoints.checkpoint_dir(workdir)
+    out["listing_after_kill"] = sorted(os.listdir(folder))
+    out["markers_after_kill"] = sorted(name for name in out["listing_after_kill"]
+                                       if os.path.exists(os.path.join(folder, name, "commit_success.txt")))
+    out["rows_after_kill"] = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+    out["resumed"] = runner.run("resumed", workdir)
+
+
+def _reference_lane(runner: Runner, out: dict) -> None:
+    out["reference"] = runner.run("reference", os.path.join(runner.root, "reference"))
+    nan_run = os.path.join(runner.root, "nan_stop")
+    out["nan_stop"] = runner.run("nan_stop", nan_run, "--config.diffusion.nan_policy=stop")
+    out["after_nan_stop"] = checkpoints.available_steps(nan_run)
+
+
+def _in_thread(lane, runner: Runner, out: dict) -> threading.Thread:
+    def target():
+        try:
+            lane(runner, out)
+        except BaseException as error:  # re-raised by the fixture
+            out.setdefault("errors", []).append(error)
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Both lanes, run to the end: {'root', name: (exit status, log) per run, plus what was on disk between}."""
+    root = str(tmp_path_factory.mktemp("faults"))
+    _write_images(os.path.join(root, "images", "train"))
+    shapes.write_tokenizer(os.path.join(root, "tokenizer"), model_max_length=16)
+    Pipeline.from_config(tiny.get_config(), jax.random.key(0),
+                         tokenizer=load_tokenizer(os.path.join(root, "tokenizer"))).save_pretrained(
+        os.path.join(root, "vae"))
+    ensure_latents(_config(root), os.path.join(root, "unused"))
+    _poison(os.path.join(root, "latents"), NAN_STEP)
+    runner, out = Runner(root), {"root": root}
+    for thread in [_in_thread(_interrupted_lane, runner, out), _in_thread(_reference_lane, runner, out)]:
+        thread.join()
+    if out.get("errors"):
+        raise out["errors"][0]
+    return out
+
+
+def _params(workdir: str, step: int) -> dict:
+    """The raw and EMA params saved at ``step``."""
+    return {"raw": checkpoints.load_pipeline(workdir, step, use_ema=False).params,
+            "ema": checkpoints.load_pipeline(workdir, step).params["unet"]}
+
+
+def _assert_equal_trees(a, b) -> None:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero(runs):
+    code, log = runs["sigterm"]
+    assert code == 0, log[-3000:]
+    (stopped,) = runs["after_sigterm"]  # one checkpoint: the step it stopped at
+    assert 1 <= stopped < STEPS and runs["rows_after_sigterm"][-1] == stopped
+    assert "received SIGTERM" in log and f"stage 2: stopped at step {stopped} of {STEPS} on SIGTERM" in log
+
+
+def test_restart_resumes_from_the_sigterm_checkpoint(runs):
+    (stopped,) = runs["after_sigterm"]
+    assert f"stage 2: resumed from step {stopped} in" in runs["killed"][1]
+
+
+def test_kill_during_a_save_leaves_an_unfinished_checkpoint_that_is_never_restored(runs):
+    code, log = runs["killed"]
+    (stopped,) = runs["after_sigterm"]
+    committing = min(STEPS, (stopped // EVERY + 1) * EVERY)  # the first checkpoint step after resuming
+    assert code == -signal.SIGKILL, log[-3000:]
+    unfinished = f"{committing}.orbax-checkpoint-tmp"
+    assert runs["listing_after_kill"] == sorted([str(stopped), unfinished])
+    assert runs["markers_after_kill"] == sorted([str(stopped), unfinished])  # whole but for orbax's rename
+    assert runs["rows_after_kill"][-1] == committing  # logged past the last complete checkpoint
+    resumed = runs["resumed"][1]
+    assert f"ignoring unfinished checkpoint save(s) ['{unfinished}']" in resumed
+    assert f"stage 2: resumed from step {stopped} in" in resumed
+
+
+def _rows(workdir: str) -> np.ndarray:
+    """[steps, 1 + len(COMPARED)]: each logged training step and its COMPARED values."""
+    return np.asarray([[r["step"], *(r[k] for k in COMPARED)] for r in read_metrics(workdir) if "train/loss" in r])
+
+
+def test_interrupted_run_equals_the_uninterrupted_one(runs):
+    code, log = runs["resumed"]
+    assert code == 0, log[-3000:]
+    interrupted, reference = (os.path.join(runs["root"], name) for name in ("interrupted", "reference"))
+    assert checkpoints.available_steps(interrupted)[-1] == STEPS
+    _assert_equal_trees(_params(interrupted, STEPS), _params(reference, STEPS))
+    rows = _rows(interrupted)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(1, STEPS + 1))  # each step once: no stale rows left
+    np.testing.assert_array_equal(rows, _rows(reference))  # losses, norms, lr, skip counts (NaN = NaN here)
+
+
+def test_broken_images_are_skipped_and_counted_in_the_metrics(runs):
+    manifest = latents.read_manifest(os.path.join(runs["root"], "latents"))
+    assert manifest["splits"]["train"]["count"] == IMAGES and manifest["skipped"]["train"] == 4
+    for workdir in ("interrupted", "reference"):
+        data_rows = [r for r in read_metrics(os.path.join(runs["root"], workdir)) if "data/skipped_images" in r]
+        assert data_rows == [{"step": 0, "data/skipped_images": 4}]
+
+
+def test_nan_policy_skip_skips_the_update_and_counts_it(runs):
+    code, log = runs["reference"]
+    assert code == 0, log[-3000:]
+    reference = os.path.join(runs["root"], "reference")
+    rows = [r for r in read_metrics(reference) if "train/loss" in r]
+    assert [r["train/nonfinite_skips"] for r in rows] == [0.0] * (NAN_STEP - 1) + [1.0] * (STEPS - NAN_STEP + 1)
+    assert [np.isfinite(r["train/loss"]) for r in rows] == [step != NAN_STEP for step in range(1, STEPS + 1)]
+    assert f"skipped 1 non-finite update(s) since the last check, the first at step {NAN_STEP}" in log
+    for step in checkpoints.available_steps(reference):  # the NaN never reached params, optimizer state or EMA
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_params(reference, step)))
+
+
+def test_nan_policy_stop_names_the_step_and_keeps_the_last_good_checkpoint(runs):
+    code, log = runs["nan_stop"]
+    assert code != 0 and "NonFiniteError" in log
+    assert f"stage 2: non-finite loss or gradient at step {NAN_STEP}" in log
+    assert f"the latest checkpoint, step {LAST_GOOD}, is kept" in log
+    assert runs["after_nan_stop"] == [LAST_GOOD]  # nothing saved at or after the bad step
+    _assert_equal_trees(_params(os.path.join(runs["root"], "nan_stop"), LAST_GOOD),
+                        _params(os.path.join(runs["root"], "reference"), LAST_GOOD))
