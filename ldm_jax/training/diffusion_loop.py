@@ -115,11 +115,12 @@ def init_state(stage: Stage2, optimizer: Any, rng: jax.Array,
 
 
 def sample_prompts(config: Mapping[str, Any]) -> list[str]:
-    """The grid's prompts: ``diffusion.sample_prompts``, or for ('',) the first test-split captions of ldm_shapes."""
+    """The grid's prompts: ``diffusion.sample_prompts``, or for ('',) the first test-split captions of ldm_shapes.
+
+    ``run_config.validate`` has refused ('',) for other data sources.
+    """
     prompts = list(config["diffusion"]["sample_prompts"])
     if prompts == [""]:
-        if config["data"]["source"] != "shapes":
-            raise ValueError("diffusion.sample_prompts must be set for data other than the built-in shapes")
         prompts = [shapes.example("test", i)["caption"] for i in range(SAMPLES_PER_GRID)]
     return prompts
 
@@ -160,8 +161,8 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
     vae_params = jax.device_put(stage.vae.params, replicated)
     empty = np.asarray(tokenize(stage.tokenizer, [""], stage.max_length), np.int32)
-    prompts = sample_prompts(config)
-    cond = np.asarray(tokenize(stage.tokenizer, prompts, stage.max_length), np.int32)
+    if d["sample_every"] >= 0:  # -1: no sample grids
+        cond = np.asarray(tokenize(stage.tokenizer, sample_prompts(config), stage.max_length), np.int32)
     checkpoints.save_tokenizer(workdir, stage.tokenizer)
     writer = MetricWriter(workdir)
     writer.restart_at(start)
