@@ -28,9 +28,15 @@ float32. In one process:
    machine's available memory is compiled but not run (its times are null):
    the pixel step needs about 1.5 GiB per image (47 GiB at batch 32).
 
+Both parts report the FLOP rate each step achieves (the model's FLOPs, XLA's
+count of the step as lowered, over the step time) and, when the peak FLOP/s is
+known (``--peak-flops``, or the bfloat16 peak of a known accelerator from
+``bench/hardware.py``; a CPU's is unknown), the model FLOPs utilization.
+
 Run from the repository root::
 
-  python -m bench.train_bench [--config base|sd15] [--batch 32] [--repeats 5] [--part peer|pixel|all]
+  python -m bench.train_bench [--config base|sd15] [--batch 32] [--repeats 5] [--part peer|pixel|all] \
+      [--peak-flops FLOP/s]
 
 Prints a table per part and one JSON line.
 """
@@ -48,6 +54,7 @@ import optax
 import torch
 import torch.nn.functional as F
 
+from bench.hardware import lowered_flops, peak_flops, utilization
 from bench.sample_bench import load_average, machine, timed
 from configs import base as base_config
 from configs import sd15
@@ -102,20 +109,22 @@ def xla_costs(compiled) -> dict[str, float]:
 def jax_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) -> tuple[dict, Callable]:
     """Compile ldm_jax's step for ``config`` and these inputs.
 
-    Returns (compile seconds and XLA costs, a blocking call that runs one step).
+    Returns (compile seconds, the model's FLOPs per step and XLA's costs of the compiled step, a blocking call
+    that runs one step).
     """
     unet = UNet2DConditionModel.from_diffusers_config(config)
     params = jax.jit(unet.init)(jax.random.key(0), *init_inputs("unet", config))["params"]
     optimizer = make_optimizer(OPTIMIZER, 1000)
     state = [(params, optimizer.init(params), jax.random.key(1))]
     inputs = (jnp.asarray(x0), jnp.asarray(context))
-    compile_s, compiled = timed(lambda: make_jax_step(unet, optimizer).lower(state[0], *inputs).compile())
+    lowered = make_jax_step(unet, optimizer).lower(state[0], *inputs)
+    compile_s, compiled = timed(lowered.compile)
 
     def call():
         state[0], loss = compiled(state[0], *inputs)
         return jax.block_until_ready(loss)
 
-    return dict(compile_s=compile_s, **xla_costs(compiled)), call
+    return dict(compile_s=compile_s, model_flops=lowered_flops(lowered), **xla_costs(compiled)), call
 
 
 def torch_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) -> Callable:
@@ -160,8 +169,17 @@ def inputs(batch: int, side: int, channels: int, context_dim: int) -> tuple[np.n
     return x0, rng.standard_normal((batch, CONTEXT_LENGTH, context_dim)).astype(np.float32)
 
 
-def peer_part(spec: dict[str, Any], batch: int, repeats: int) -> dict[str, Any]:
-    """Part 1: ldm_jax vs diffusers on the same U-Net config; prints its table, returns its record."""
+def rate_text(flops: float, seconds: float, peak: float | None) -> str:
+    """'X GFLOP/s' of ``flops`` in ``seconds``, with the MFU when ``peak`` is known."""
+    rates = utilization(flops, seconds, peak)
+    mfu = f", MFU {rates['mfu']:.3f}" if rates["mfu"] is not None else ""
+    return f"{rates['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s{mfu}"
+
+
+def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None) -> dict[str, Any]:
+    """Part 1: ldm_jax vs diffusers on the same U-Net config; prints its table, returns its record.
+
+    Both sides' FLOP rates use ldm_jax's model FLOP count (the same network and batch)."""
     config = spec["unet"]
     x0, context = inputs(batch, config["sample_size"], config["in_channels"], config["cross_attention_dim"])
     costs, ours = jax_runner(config, x0, context)
@@ -171,12 +189,15 @@ def peer_part(spec: dict[str, Any], batch: int, repeats: int) -> dict[str, Any]:
                   ours_step_s=steps["ldm_jax"], diffusers_step_s=steps["diffusers"],
                   ours_images_per_s=batch / steps["ldm_jax"], diffusers_images_per_s=batch / steps["diffusers"],
                   ours_over_diffusers_images_per_s=steps["diffusers"] / steps["ldm_jax"],
-                  ours_times=times["ldm_jax"], diffusers_times=times["diffusers"])
+                  ours_times=times["ldm_jax"], diffusers_times=times["diffusers"], model_flops=costs["model_flops"])
+    for name, key in (("ldm_jax", "ours"), ("diffusers", "diffusers")):
+        rates = utilization(costs["model_flops"], steps[name], peak)
+        record.update({f"{key}_achieved_flops_per_s": rates["achieved_flops_per_s"], f"{key}_mfu": rates["mfu"]})
     print(f"peer: U-Net train step on {batch}x{'x'.join(map(str, x0.shape[1:]))} latents "
-          f"(ldm_jax compile {costs['compile_s']:.1f} s, {costs['flops'] / 1e9:.1f} GFLOP per step)")
-    print(f"{'':10} {'step s':>8} {'images/s':>9}")
+          f"(ldm_jax compile {costs['compile_s']:.1f} s, {costs['model_flops'] / 1e9:.1f} GFLOP per step)")
+    print(f"{'':10} {'step s':>8} {'images/s':>9}  FLOP rate")
     for name, seconds in steps.items():
-        print(f"{name:10} {seconds:8.3f} {batch / seconds:9.2f}")
+        print(f"{name:10} {seconds:8.3f} {batch / seconds:9.2f}  {rate_text(costs['model_flops'], seconds, peak)}")
     print(f"ldm_jax / diffusers images/s: {record['ours_over_diffusers_images_per_s']:.2f}x")
     return record
 
@@ -189,7 +210,7 @@ def available_memory() -> float:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def pixel_part(spec: dict[str, Any], batch: int, repeats: int) -> dict[str, Any]:
+def pixel_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None) -> dict[str, Any]:
     """Part 2: ldm_jax's step on latents vs on pixels of the same images; prints its table, returns its record.
 
     A step whose XLA memory exceeds the machine's available memory is compiled
@@ -206,26 +227,27 @@ def pixel_part(spec: dict[str, Any], batch: int, repeats: int) -> dict[str, Any]
             del runners[name]
     for name, values in measure(runners, repeats).items():
         costs[name].update(step_s=statistics.median(values), images_per_s=batch / statistics.median(values),
-                           times=values)
+                           times=values, **utilization(costs[name]["model_flops"], statistics.median(values), peak))
     ratios = {key: costs["pixel"][key] / costs["latent"][key] if costs["pixel"][key] and costs["latent"][key]
               else None
               for key in ("step_s", "flops", "memory_bytes")}
-    print_pixel_table(configs, costs, ratios, batch, size)
+    print_pixel_table(configs, costs, ratios, batch, size, peak)
     return dict(image_size=size, latent=costs["latent"], pixel=costs["pixel"], pixel_over_latent=ratios)
 
 
 def print_pixel_table(configs: dict[str, dict], costs: dict[str, dict], ratios: dict[str, float | None],
-                      batch: int, size: int) -> None:
+                      batch: int, size: int, peak: float | None) -> None:
     """Print part 2's table: one row per step (latent, pixel), then the ratios pixel / latent."""
     print(f"pixel: ldm_jax train step on {batch} {size}x{size} images as latents or pixels "
           f"(memory: XLA argument + output - alias + temp bytes; available {available_memory() / 2**30:.1f} GiB)")
-    print(f"{'':14} {'step s':>8} {'images/s':>9} {'GFLOP':>8} {'memory MiB':>11} {'compile s':>10}")
+    print(f"{'':14} {'step s':>8} {'images/s':>9} {'GFLOP':>8} {'memory MiB':>11} {'compile s':>10}  FLOP rate")
     for name, config in configs.items():
         c = costs[name]
         label = f"{name} {config['sample_size']}x{config['sample_size']}x{config['in_channels']}"
         timing = f"{c['step_s']:8.3f} {c['images_per_s']:9.2f}" if c["step_s"] else f"{'not run: memory':>18}"
+        rate = rate_text(c["model_flops"], c["step_s"], peak) if c["step_s"] else "-"
         print(f"{label:14} {timing} {c['flops'] / 1e9:8.1f} {c['memory_bytes'] / 2**20:11.1f} "
-              f"{c['compile_s']:10.1f}")
+              f"{c['compile_s']:10.1f}  {rate}")
     print("pixel / latent: " + ", ".join(f"{key} {value:.2f}x" if value else f"{key} -"
                                          for key, value in ratios.items()))
 
@@ -248,22 +270,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--part", choices=("peer", "pixel", "all"), default="all")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="the device's peak FLOP/s for MFU (default: bench/hardware.py's bf16 table; none for CPUs)")
     args = parser.parse_args(argv)
     if args.config == "sd15" and args.part != "peer":
         parser.error("--config sd15 runs --part peer only: SD 1.5's U-Net on 512x512 pixels would attend "
                      "over 262144 tokens")
 
     load_start, info = load_average(), machine()
+    peak = args.peak_flops or peak_flops(info["device"])
+    peak_source = "--peak-flops" if args.peak_flops else "bf16 table (bench/hardware.py)" if peak else None
     torch.set_num_threads(info["cores"])
     print(f"config {args.config}, batch {args.batch}, {args.repeats} repeats; {info['device']} / {info['cpu']}, "
           f"{info['cores']} cores (torch threads {torch.get_num_threads()}); load average {load_start}")
     record = dict(config=args.config, batch=args.batch, repeats=args.repeats, **info,
-                  torch_threads=torch.get_num_threads(), loadavg_start=load_start)
+                  torch_threads=torch.get_num_threads(), loadavg_start=load_start, peak_flops=peak,
+                  peak_source=peak_source)
+    print(f"peak FLOP/s: {f'{peak:.4g} ({peak_source})' if peak else 'unknown (no MFU; --peak-flops sets it)'}")
     spec = CONFIGS[args.config]
     if args.part in ("peer", "all"):
-        record["peer"] = peer_part(spec, args.batch, args.repeats)
+        record["peer"] = peer_part(spec, args.batch, args.repeats, peak)
     if args.part in ("pixel", "all"):
-        record["pixel"] = pixel_part(spec, args.batch, args.repeats)
+        record["pixel"] = pixel_part(spec, args.batch, args.repeats, peak)
     record["loadavg_end"] = load_average()
     record = rounded(record)
     print(json.dumps(record))

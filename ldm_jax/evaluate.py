@@ -1,6 +1,6 @@
 r"""Prompt following of a model trained on the built-in ldm_shapes data, scored from the images alone.
 
-    python -m ldm_jax.evaluate --checkpoint WORKDIR [--step N] [--count 200] [--guidance 4.0] [--steps 25]
+    python -m ldm_jax.evaluate --checkpoint WORKDIR [--step N] [--count 200] [--guidance 8.0] [--steps 25]
 
 Generates one image for each of the first ``--count`` test-split captions
 (half of them name colour-shape pairs that never occur in training), reads
@@ -8,8 +8,10 @@ colour, shape, size and position back with
 ``ldm_jax.evaluation.shapes_checker`` and reports the fraction right per
 attribute, for all prompts and for the held-out pairs alone. As a floor it
 scores unconditional samples (guidance 1.0, empty prompts, same seeds)
-against the same captions, and as a ceiling the checker on the real test
-images. Prints a table and writes ``WORKDIR/eval_step_<step>.json``.
+against the same captions; as ceilings, the checker on the real test images
+and on their reconstructions by the checkpoint's VAE (posterior mean, encoded
+and decoded: no latent model can generate what its VAE cannot reproduce).
+Prints a table and writes ``WORKDIR/eval_step_<step>.json``.
 """
 
 import json
@@ -29,7 +31,7 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (its che
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 _COUNT = flags.DEFINE_integer("count", 200, "Test-split prompts to score.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch", 50, "Images per sampling call.", lower_bound=1)
-_GUIDANCE = flags.DEFINE_float("guidance", 4.0, "Classifier-free guidance scale.")
+_GUIDANCE = flags.DEFINE_float("guidance", 8.0, "Classifier-free guidance scale.")
 _STEPS = flags.DEFINE_integer("steps", 25, "Sampler steps.", lower_bound=1)
 _SAMPLER = flags.DEFINE_string("sampler", "ddim", "Sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the starting noise.")
@@ -52,6 +54,15 @@ def generate(pipe, prompts: list[str], guidance: float, seed: int, batch: int) -
     return np.concatenate(images)
 
 
+def reconstruct(pipe, images: np.ndarray, batch: int) -> np.ndarray:
+    """uint8 ``images`` [N, S, S, 3] encoded to their posterior mean and decoded by the pipeline's VAE."""
+    vae, params = pipe.models.vae, pipe.params["vae"]
+    roundtrip = jax.jit(lambda p, x: vae.apply({"params": p}, x)[0])
+    out = [np.asarray(roundtrip(params, images[i:i + batch].astype(np.float32) / 127.5 - 1.0))
+           for i in range(0, len(images), batch)]
+    return np.round(np.clip((np.concatenate(out) + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def score(images: np.ndarray, targets: list[dict]) -> dict[str, dict[str, float]]:
     """Accuracy per attribute on all images and on the held-out colour-shape pairs."""
     predictions = shapes_checker.classify_batch(images)
@@ -72,14 +83,15 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
     real = np.stack([e["image"] for e in examples])
     return {"step": step, "count": len(prompts), "guidance": _GUIDANCE.value, "steps": _STEPS.value,
             "sampler": _SAMPLER.value, "conditional": score(conditional, targets),
-            "unconditional": score(unconditional, targets), "real_images": score(real, targets)}
+            "unconditional": score(unconditional, targets), "real_images": score(real, targets),
+            "vae_reconstructions": score(reconstruct(pipe, real, _BATCH.value), targets)}
 
 
 def print_table(report: dict) -> None:
     """The report as a table: rows are the image sets, columns the attributes."""
     columns = (*shapes_checker.ATTRIBUTES, "all")
     print(f"{'images (step ' + str(report['step']) + ')':34s}" + "".join(f"{c:>10s}" for c in columns))
-    for name in ("conditional", "unconditional", "real_images"):
+    for name in ("conditional", "unconditional", "real_images", "vae_reconstructions"):
         for subset in ("all", "held_out"):
             row = report[name][subset]
             print(f"{name + ' / ' + subset:34s}" + "".join(f"{100 * row[c]:9.1f}%" for c in columns))

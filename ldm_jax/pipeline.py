@@ -35,13 +35,18 @@ MODEL_INDEX = {
 }
 
 
-def build_modules(configs: dict[str, dict], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> dict:
-    """The Flax modules described by diffusers/transformers config dicts, keyed by component."""
+def build_modules(configs: dict[str, dict], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, *,
+                  attention_impl: str = "auto", remat_policy: str = "none") -> dict:
+    """The Flax modules described by diffusers/transformers config dicts, keyed by component.
+
+    ``attention_impl`` (``ldm_jax.models.attention``) applies to all three
+    models, ``remat_policy`` to the U-Net; neither is part of the configs.
+    """
+    kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
     return {
-        "unet": UNet2DConditionModel.from_diffusers_config(configs["unet"], dtype=dtype, param_dtype=param_dtype),
-        "vae": AutoencoderKL.from_diffusers_config(configs["vae"], dtype=dtype, param_dtype=param_dtype),
-        "text_encoder": CLIPTextModel.from_transformers_config(
-            configs["text_encoder"], dtype=dtype, param_dtype=param_dtype),
+        "unet": UNet2DConditionModel.from_diffusers_config(configs["unet"], remat_policy=remat_policy, **kw),
+        "vae": AutoencoderKL.from_diffusers_config(configs["vae"], **kw),
+        "text_encoder": CLIPTextModel.from_transformers_config(configs["text_encoder"], **kw),
     }
 
 
@@ -95,11 +100,14 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config, rng: jax.Array, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                    tokenizer: CLIPTokenizer | None = None) -> "Pipeline":
-        """Randomly initialised models from an ml_collections config (``configs/*.py``)."""
+                    tokenizer: CLIPTokenizer | None = None, attention_impl: str = "auto") -> "Pipeline":
+        """Randomly initialised models from an ml_collections config (``configs/*.py``).
+
+        ``attention_impl`` picks the attention kernel of all three models (``ldm_jax.models.attention``).
+        """
         configs = {name: config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
                    for name in COMPONENTS + ("scheduler",)}
-        modules = build_modules(configs, dtype, param_dtype)
+        modules = build_modules(configs, dtype, param_dtype, attention_impl=attention_impl)
         params = {}
         for name, key in zip(COMPONENTS, jax.random.split(rng, len(COMPONENTS))):
             params[name] = jax.jit(modules[name].init)(key, *init_inputs(name, configs[name]))["params"]
@@ -107,13 +115,16 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                        variant: str | None = None, overrides: dict[str, dict] | None = None) -> "Pipeline":
+                        variant: str | None = None, overrides: dict[str, dict] | None = None,
+                        attention_impl: str = "auto") -> "Pipeline":
         """Load a diffusers-layout folder or a single-file original SD ``.safetensors``.
 
         ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the
         params; ``variant`` picks ``*.{variant}.safetensors`` files (e.g.
         'fp16'); ``overrides`` updates the config of a component (for single
-        files, where e.g. head counts cannot be read from tensor shapes).
+        files, where e.g. head counts cannot be read from tensor shapes);
+        ``attention_impl`` picks the attention kernel of all three models
+        (``ldm_jax.models.attention``).
         """
         if os.path.isfile(path):
             configs, states = single_file.load_single_file(path, overrides=overrides)
@@ -125,7 +136,7 @@ class Pipeline:
         else:
             raise FileNotFoundError(f"no pretrained pipeline at {path}: expected a diffusers folder "
                                     "(unet/, vae/, text_encoder/, scheduler/) or a single-file .safetensors")
-        modules = build_modules(configs, dtype, param_dtype)
+        modules = build_modules(configs, dtype, param_dtype, attention_impl=attention_impl)
         params = {name: jax.tree.map(jnp.asarray, weights.state_dict_to_params(
             states[name], abstract_params(modules[name], name, configs[name]), what=f"{path}: {name}",
             dtype=param_dtype)) for name in COMPONENTS}
@@ -156,21 +167,22 @@ class Pipeline:
         single_file.save_single_file(path, states["unet"], states["vae"], states["text_encoder"], configs)
 
 
-def load_vae(path: str) -> tuple[AutoencoderKL, Any, float]:
+def load_vae(path: str, *, attention_impl: str = "auto") -> tuple[AutoencoderKL, Any, float]:
     """The VAE of a pretrained pipeline: module, params and latent scale factor.
 
     A diffusers folder has only its ``vae/`` read; a single-file checkpoint is
-    loaded whole (the VAE is one part of the file).
+    loaded whole (the VAE is one part of the file). ``attention_impl`` picks
+    the attention kernel (``ldm_jax.models.attention``).
     """
     if os.path.isfile(path):
-        pipe = Pipeline.from_pretrained(path)
+        pipe = Pipeline.from_pretrained(path, attention_impl=attention_impl)
         return pipe.vae, pipe.params["vae"], pipe.scale_factor
     folder = os.path.join(path, "vae")
     if not os.path.isdir(folder):
         raise ValueError(f"{path} is not a diffusers pipeline folder: it has no vae/ (found "
                          f"{sorted(os.listdir(path)) if os.path.isdir(path) else 'nothing'})")
     config = checkpoint_files.read_json(os.path.join(folder, "config.json"))
-    module = AutoencoderKL.from_diffusers_config(config)
+    module = AutoencoderKL.from_diffusers_config(config, attention_impl=attention_impl)
     params = jax.tree.map(jnp.asarray, weights.state_dict_to_params(
         checkpoint_files.read_state_dict(folder), abstract_params(module, "vae", config), what=f"{path}: vae"))
     return module, params, scaling_factor(config)

@@ -3,6 +3,7 @@ r"""Text to a PNG grid of images with a pretrained pipeline or a training checkp
   python -m ldm_jax.sample --pretrained DIR --prompt "a photo of a cat" --out grid.png
   python -m ldm_jax.sample --checkpoint WORKDIR [--step N] --prompt "..." [--negative-prompt ""]
       [--sampler ddim] [--steps 50] [--guidance 7.5] [--seed 0] [--num-images 4] [--height H --width W]
+      [--dtype bfloat16] [--attention-impl auto|xla|cudnn|einsum|pallas_tpu]
 
 --pretrained takes a diffusers folder or a single-file SD .safetensors (which
 has no tokenizer: add --tokenizer DIR); --checkpoint a training workdir
@@ -26,6 +27,7 @@ from absl import app, flags, logging
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.diffusion.sampling import sample_fn
 from ldm_jax.images import make_grid
+from ldm_jax.models.attention import ATTENTION_IMPLS
 from ldm_jax.models.clip import load_tokenizer, tokenize
 from ldm_jax.pipeline import Pipeline
 from ldm_jax.training import checkpoints
@@ -46,6 +48,9 @@ _NUM_IMAGES = flags.DEFINE_integer("num-images", 4, "Number of images in the gri
 _HEIGHT = flags.DEFINE_integer("height", None, "Image height (default: the model's native size).", lower_bound=1)
 _WIDTH = flags.DEFINE_integer("width", None, "Image width (default: the model's native size).", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
+_ATTENTION = flags.DEFINE_enum("attention-impl", "auto", list(ATTENTION_IMPLS),
+                               "The attention kernel (ldm_jax/models/attention.py): cudnn on NVIDIA GPUs, pallas_tpu "
+                               "on TPUs.")
 _OUT = flags.DEFINE_string("out", "grid.png", "Where to write the PNG grid.")
 flags.register_validator("guidance", math.isfinite, message="--guidance must be a finite number")
 flags.register_multi_flags_validator(
@@ -86,10 +91,11 @@ def load() -> Pipeline:
     """
     dtype = jnp.dtype(_DTYPE.value)
     if _PRETRAINED.value is not None:
-        pipe = Pipeline.from_pretrained(_PRETRAINED.value, dtype=dtype)
+        pipe = Pipeline.from_pretrained(_PRETRAINED.value, dtype=dtype, attention_impl=_ATTENTION.value)
         pipe.params = jax.device_put(pipe.params, jax.local_devices()[0])
     else:
-        pipe = checkpoints.load_pipeline(_CHECKPOINT.value, _STEP.value, use_ema=_EMA.value, dtype=dtype)
+        pipe = checkpoints.load_pipeline(_CHECKPOINT.value, _STEP.value, use_ema=_EMA.value, dtype=dtype,
+                                         attention_impl=_ATTENTION.value)
     if _TOKENIZER.value is not None:
         pipe.tokenizer = load_tokenizer(_TOKENIZER.value)
     if pipe.tokenizer is None:

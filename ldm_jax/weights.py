@@ -6,7 +6,8 @@ maps to one state-dict key by a fixed rule:
 * a module name ``<list>_<i>`` where ``<list>`` is a torch ``ModuleList`` /
   ``Sequential`` name (``down_blocks_0``, ``to_out_0``) becomes ``<list>.<i>``;
 * ``kernel`` becomes ``weight`` (conv kernels HWIO <-> OIHW, dense kernels
-  transposed), ``scale`` and ``embedding`` become ``weight``, ``bias`` stays.
+  transposed), ``scale`` and ``embedding`` become ``weight``, ``bias`` stays;
+  the torch parameters in ``PLAIN_PARAMETERS`` keep their name.
 
 Conversion is driven by the abstract param tree of the module, so every
 missing key, unexpected key and shape mismatch is found and reported at once.
@@ -28,6 +29,9 @@ INDEXED_MODULES = frozenset({
 })
 _INDEXED = re.compile(r"^(%s)_(\d+)$" % "|".join(sorted(INDEXED_MODULES)))
 
+# Parameters that keep their own name in the state dict (torch ``nn.Parameter`` attributes, not layers).
+PLAIN_PARAMETERS = frozenset({"positional_embedding"})
+
 # Buffers that torch modules carry but that are not parameters of ours.
 IGNORED_KEYS = re.compile(r"(^|\.)position_ids$")
 
@@ -40,6 +44,8 @@ def torch_key(path: tuple[str, ...], ndim: int) -> str:
     """The state-dict key of the Flax parameter at ``path`` (with ``ndim`` dims)."""
     *modules, leaf = path
     parts = [_INDEXED.sub(r"\1.\2", m) for m in modules]
+    if leaf in PLAIN_PARAMETERS:
+        return ".".join([*parts, leaf])
     parts.append("bias" if leaf == "bias" else "weight")
     if leaf not in ("kernel", "bias", "scale", "embedding"):
         raise ValueError(f"no torch name for parameter {'/'.join(path)} (ndim {ndim})")

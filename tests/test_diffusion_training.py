@@ -1,7 +1,10 @@
 """Stage 2: the loss against diffusers' training recipe, and the whole chain (stage 1 -> cache -> stage 2) on tiny."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import diffusers
 import jax
@@ -18,9 +21,9 @@ from ldm_jax.models.clip import CLIPTextModel
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
 from ldm_jax.train import run
-from ldm_jax.training import checkpoints
+from ldm_jax.training import checkpoints, diffusion_loop
 from ldm_jax.training.diffusion_step import DiffusionTask, diffusion_loss, drop_captions
-from ldm_jax.training.metrics import read_metrics
+from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -115,6 +118,24 @@ def test_chain_trains_checkpoints_and_samples(chain):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(np.asarray(images)).all()
 
 
+def test_evaluate_scores_samples_floor_and_ceilings(chain):
+    _, workdir, _ = chain
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    done = subprocess.run([sys.executable, "-m", "ldm_jax.evaluate", "--checkpoint", workdir, "--count", "4",
+                           "--batch", "4", "--steps", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "eval_step_4.json")) as f:
+        report = json.load(f)
+    assert report["count"] == 4 and report["step"] == 4
+    for name in ("conditional", "unconditional", "real_images", "vae_reconstructions"):
+        assert name in done.stdout
+        for subset in ("all", "held_out"):
+            assert all(0.0 <= v <= 1.0 for v in report[name][subset].values())
+    assert report["real_images"]["all"]["all"] == 1.0  # the checker reads these four test images right
+    # A 2-step VAE reconstructs nothing recognisable: far below the real images.
+    assert report["vae_reconstructions"]["all"]["all"] < 1.0
+
+
 def test_stopped_and_resumed_run_matches_uninterrupted(chain, tmp_path):
     config, workdir, data_dir = chain
     resumed = str(tmp_path / "resumed")
@@ -148,3 +169,45 @@ def test_init_from_fine_tunes_a_pretrained_pipeline(chain, tmp_path):
             np.testing.assert_array_equal(x, y)
     manifest = latents.read_manifest(os.path.join(run_dir, "latents"))
     assert manifest["vae"]["source"] == os.path.abspath(folder)
+
+
+def test_deferred_writer_writes_each_record_one_push_late(tmp_path):
+    writer = DeferredWriter(MetricWriter(str(tmp_path)), prefix="train/")
+    assert writer.push(1, {"loss": jnp.float32(0.5)}) is None
+    assert read_metrics(str(tmp_path)) == []  # nothing fetched yet
+    assert writer.push(2, {"loss": jnp.float32(0.25), "lr": 1e-3}) == {"train/loss": 0.5}
+    assert writer.flush() == {"train/loss": 0.25, "train/lr": 1e-3}
+    assert writer.flush() is None
+    assert read_metrics(str(tmp_path)) == [{"step": 1, "train/loss": 0.5},
+                                           {"step": 2, "train/loss": 0.25, "train/lr": 1e-3}]
+
+
+def test_logged_metrics_are_the_values_of_their_steps(chain, tmp_path):
+    """The loop fetches metrics one log interval late: a rerun logging every 3 steps writes at steps 3 and 4
+    exactly the values the chain (logging every step) wrote there."""
+    _, workdir, data_dir = chain
+    rerun = str(tmp_path / "rerun")
+    shutil.copytree(workdir, rerun)
+    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "samples"):
+        path = os.path.join(rerun, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    run(_config(data_dir, stages="diffusion", diffusion={**_DIFFUSION, "log_every": 3}), rerun)
+    every_step = {r["step"]: r for r in read_metrics(workdir) if "train/loss" in r}
+    logged = [r for r in read_metrics(rerun) if "train/loss" in r]
+    assert [r["step"] for r in logged] == [3, 4]
+    for record in logged:
+        for key in ("train/loss", "train/mse", "train/weight", "train/grad_norm", "train/lr"):
+            assert record[key] == every_step[record["step"]][key], (record["step"], key)
+
+
+def test_run_config_speed_settings_reach_the_stage_2_modules(chain):
+    """attention_impl reaches the U-Net, the text encoder and the sampling VAE; remat_policy the U-Net; bfloat16
+    the compute dtype. No params change: stage 2 builds its modules from the same configs."""
+    _, workdir, data_dir = chain
+    config = _config(data_dir, stages="diffusion", attention_impl="xla",
+                     diffusion={**_DIFFUSION, "remat_policy": "full", "dtype": "bfloat16"})
+    stage, _ = diffusion_loop.setup(config, workdir)
+    for module in (stage.task.unet, stage.task.text_encoder, stage.models.unet, stage.models.vae):
+        assert module.attention_impl == "xla" and module.dtype == jnp.bfloat16
+    assert stage.task.unet.remat_policy == "full"
+    assert stage.configs["unet"] == config.unet.to_dict()  # the saved diffusers config holds neither setting

@@ -47,6 +47,8 @@ def test_configs_build_and_lock():
     (dict(diffusion=dict(dtype="float8")), "diffusion.dtype must be float32, bfloat16 or float16, got 'float8'"),
     (dict(data=dict(source="folder", data_dir="images")),
      "diffusion.sample_prompts must name the sample grid's prompts for data.source 'folder'"),
+    (dict(attention_impl="flash"), "unknown attention_impl 'flash'; choose one of"),
+    (dict(diffusion=dict(remat_policy="some")), r"diffusion.remat_policy must be one of \['none', 'full'.*got 'some'"),
 ])
 def test_bad_configs_fail_with_the_values_named(changes, message):
     with pytest.raises((KeyError, ValueError), match=message):
@@ -58,10 +60,22 @@ def test_bad_configs_fail_with_the_values_named(changes, message):
     (dict(data=-1, fsdp=3), 8, "8 devices are not divisible by the fixed axes' product 3"),
     (dict(data=-1, fsdp=-1), 8, "at most one may be -1"),
     (dict(pipeline=2), 8, r"unknown mesh axes \['pipeline'\]"),
+    (dict(dcn_data=3), 8, r"8 devices do not split into dcn_data \* dcn_fsdp = 3 \* 1 = 3 equal slices"),
+    (dict(data=-1, fsdp=3, dcn_data=2), 8, "the 4 devices of each of 2 slices are not divisible by the fixed axes' "
+     "product 3"),
+    (dict(data=2, fsdp=4, dcn_fsdp=2), 8, r"make 8 devices, but there are the 4 devices of each of 2 slices"),
+    (dict(dcn_fsdp=0), 8, "across-slice sizes must be positive"),
+    (dict(frozen="gather"), 8, r"mesh.frozen must be one of \('shard', 'replicate'\), got 'gather'"),
 ])
 def test_bad_meshes_fail_with_the_sizes_named(mesh, devices, message):
     with pytest.raises(ValueError, match=message):
         parallel.mesh_shape(mesh, devices)
+
+
+def test_mesh_section_is_validated_with_the_config():
+    with pytest.raises(ValueError, match="mesh.frozen must be one of"):
+        run_config.run_config(**_sections(mesh=dict(frozen="all")))
+    assert run_config.run_config(**_sections(mesh=dict(dcn_data=2, frozen="replicate"))).mesh.dcn_data == 2
 
 
 def test_batch_must_split_over_the_data_parallel_axes():

@@ -30,24 +30,25 @@ only on (seed, host, k) and a resumed run continues the same order.
 """
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import math
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import parallel
-from ldm_jax.data.pipeline import host_range, make_iterator, report_skipped
+from ldm_jax.parallel import host_range
 from ldm_jax.models.vae import AutoencoderKL
+from ldm_jax.pipeline import abstract_params
 
 FORMAT = "ldm_jax latent moments v1"
 MANIFEST = "manifest.json"
@@ -130,6 +131,22 @@ def _encode_moments(vae: AutoencoderKL, params: Any, images: jax.Array) -> tuple
     return posterior.mean, posterior.logvar
 
 
+def vae_shardings(module: AutoencoderKL, mesh: jax.sharding.Mesh, layout: str) -> Any:
+    """Shardings of a frozen VAE's params for ``mesh.frozen`` = ``layout`` ('shard' or 'replicate')."""
+    config = {"block_out_channels": module.block_out_channels, "in_channels": module.in_channels}
+    return parallel.frozen_shardings(abstract_params(module, "vae", config), mesh, layout)
+
+
+def encode_fn(vae: FrozenVAE, mesh: jax.sharding.Mesh, layout: str) -> tuple[Callable, Any]:
+    """The jitted encoder ``fn(params, images) -> (mean, logvar)``, batch-sharded, and the VAE's params placed
+    for it per ``layout`` (see ``ldm_jax.parallel``)."""
+    shardings = vae_shardings(vae.module, mesh, layout)
+    batch = parallel.batch_sharding(mesh)
+    fn = jax.jit(functools.partial(_encode_moments, vae.module), in_shardings=(shardings, batch),
+                 out_shardings=batch)
+    return fn, jax.device_put(vae.params, shardings)
+
+
 class _ShardWriter:
     """Collects rows and writes them as ``<process>-<shard>.<field>.npy`` files of ``shard_size`` rows."""
 
@@ -165,6 +182,8 @@ def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: 
 
     Returns the rows written and the number of unreadable images skipped.
     """
+    # TensorFlow: loaded only to encode (the train step needs none)
+    from ldm_jax.data.pipeline import make_iterator, report_skipped
     data = dict(config["data"])
     data["batch_size"] = config["latents"]["batch_size"] or data["batch_size"]
     parallel.check_batch(data["batch_size"], mesh)
@@ -172,10 +191,8 @@ def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: 
     report_skipped(iterator, f"latent cache ({split})")
     per_host = data["batch_size"] // jax.process_count()
     batches = int(np.max(multihost_utils.process_allgather(np.asarray(math.ceil(iterator.size / per_host)))))
-    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    encode = jax.jit(_encode_moments, static_argnums=0, in_shardings=(replicated, batch_sharding),
-                     out_shardings=batch_sharding)
-    params = jax.device_put(vae.params, replicated)
+    batch_sharding = parallel.batch_sharding(mesh)
+    encode, params = encode_fn(vae, mesh, config["mesh"]["frozen"])
     out = os.path.join(folder, split)
     os.makedirs(out, exist_ok=True)
     writer = _ShardWriter(out, jax.process_index(), config["latents"]["shard_size"])
@@ -187,7 +204,7 @@ def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: 
         images = np.zeros((per_host, *image_shape), np.float32)
         if rows:
             images[:rows] = batch["image"]
-        moments = encode(vae.module, params, jax.make_array_from_process_local_data(batch_sharding, images))
+        moments = encode(params, jax.make_array_from_process_local_data(batch_sharding, images))
         if rows:
             local = [np.asarray(multihost_utils.global_array_to_host_local_array(
                 m, mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES)))[:rows] for m in moments]
@@ -311,9 +328,3 @@ class LatentIterator:
         offset = indices - self.offsets[shard]
         return {name: np.stack([parts[s][o] for s, o in zip(shard, offset)]) for name, parts in self.arrays.items()}
 
-
-def sample_latents(batch: Mapping[str, jax.Array], rng: jax.Array, scale_factor: float) -> jax.Array:
-    """``(mean + exp(logvar / 2) * eps) * scale_factor`` for a batch of cached moments (float32)."""
-    mean = batch["mean"].astype(jnp.float32)
-    std = jnp.exp(0.5 * batch["logvar"].astype(jnp.float32))
-    return (mean + std * jax.random.normal(rng, mean.shape, jnp.float32)) * scale_factor

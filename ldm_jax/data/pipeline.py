@@ -48,6 +48,7 @@ import tensorflow_datasets as tfds
 from ldm_jax.data import shapes
 from ldm_jax.data.config import data_config
 from ldm_jax.models.clip import load_tokenizer, tokenize
+from ldm_jax.parallel import host_range
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 CAPTIONS_FILE = "captions.jsonl"
@@ -107,11 +108,6 @@ def _close_open_iterators() -> None:
     """Close live iterators before the interpreter finalizes: their threads' Python calls would hang it."""
     for iterator in list(_OPEN_ITERATORS):
         iterator.close()
-
-
-def host_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """[start, stop) of host ``process_index``'s contiguous share of ``num_examples`` (sizes differ by <= 1)."""
-    return num_examples * process_index // process_count, num_examples * (process_index + 1) // process_count
 
 
 def make_iterator(config: Mapping[str, Any], split: str | None = None, seed: int | None = None,

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.models.layers import Dtype, attention, dense, layer_norm
+from ldm_jax.models.attention import attention, check_attention_impl
+from ldm_jax.models.layers import Dtype, dense, layer_norm
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -54,6 +55,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 class CLIPAttention(nn.Module):
     """Causal multi-head self-attention with q_proj/k_proj/v_proj/out_proj (all with bias)."""
     heads: int
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -62,7 +64,7 @@ class CLIPAttention(nn.Module):
         width = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q, k, v = (dense(width, name, ("embed", "heads"), **kw)(x) for name in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, self.heads, mask=mask, is_causal=True)
+        out = attention(q, k, v, self.heads, mask=mask, is_causal=True, impl=self.attention_impl)
         return dense(width, "out_proj", ("heads", "embed"), **kw)(out)
 
 
@@ -86,6 +88,7 @@ class CLIPEncoderLayer(nn.Module):
     intermediate_size: int
     hidden_act: str
     layer_norm_eps: float
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -93,7 +96,7 @@ class CLIPEncoderLayer(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layer_norm(self.layer_norm_eps, "layer_norm1", **kw)(x)
-        x = x + CLIPAttention(self.heads, name="self_attn", **kw)(h, mask)
+        x = x + CLIPAttention(self.heads, self.attention_impl, name="self_attn", **kw)(h, mask)
         h = layer_norm(self.layer_norm_eps, "layer_norm2", **kw)(x)
         x = x + CLIPMLP(self.intermediate_size, self.hidden_act, name="mlp", **kw)(h)
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
@@ -129,6 +132,7 @@ class CLIPEncoder(nn.Module):
     intermediate_size: int
     hidden_act: str
     layer_norm_eps: float
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -137,7 +141,7 @@ class CLIPEncoder(nn.Module):
         outputs = []
         for i in range(self.num_hidden_layers):
             x = CLIPEncoderLayer(self.heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps,
-                                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}")(x, mask)
+                                 self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}")(x, mask)
             outputs.append(x)
         return outputs
 
@@ -159,11 +163,13 @@ class CLIPTextTransformer(nn.Module):
     eos_token_id: int = 49407
     pad_token_id: int = 1
     skip_last_layers: int = 0
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         activation(self.hidden_act)
+        check_attention_impl(self.attention_impl)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
@@ -180,7 +186,7 @@ class CLIPTextTransformer(nn.Module):
                                **kw)(input_ids)
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
         hidden = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                             self.hidden_act, self.layer_norm_eps, name="encoder", **kw)(x, mask)
+                             self.hidden_act, self.layer_norm_eps, self.attention_impl, name="encoder", **kw)(x, mask)
         final_norm = layer_norm(self.layer_norm_eps, "final_layer_norm", **kw)
         last = final_norm(hidden[-1])
         if self.eos_token_id == LEGACY_EOS_TOKEN_ID:
@@ -197,7 +203,8 @@ class CLIPTextModel(CLIPTextTransformer):
     """transformers' ``CLIPTextModel`` in Flax: ``apply(params, input_ids) -> (last_hidden_state, pooled)``.
 
     The fields (those of CLIPTextTransformer) are the CLIPTextConfig fields of
-    the same names, plus ``skip_last_layers``, ``dtype`` (compute) and
+    the same names, plus ``skip_last_layers``, ``attention_impl`` (the
+    attention kernel, ``ldm_jax.models.attention``), ``dtype`` (compute) and
     ``param_dtype`` (storage). ``input_ids`` is an int array [B, L] with
     L <= max_position_embeddings; the optional ``attention_mask`` [B, L]
     (1 = real token) hides padding keys on top of the causal mask.
@@ -221,10 +228,12 @@ class CLIPTextModel(CLIPTextTransformer):
 
     @classmethod
     def from_transformers_config(cls, config: dict[str, Any], *, dtype: Dtype = jnp.float32,
-                                 param_dtype: Dtype = jnp.float32, skip_last_layers: int = 0) -> "CLIPTextModel":
+                                 param_dtype: Dtype = jnp.float32, skip_last_layers: int = 0,
+                                 attention_impl: str = "auto") -> "CLIPTextModel":
         """Build from a transformers text-encoder ``config.json`` dict; missing fields take CLIPTextConfig defaults."""
         fields = {k: config[k] for k in CONFIG_FIELDS if config.get(k) is not None}
-        return cls(**fields, skip_last_layers=skip_last_layers, dtype=dtype, param_dtype=param_dtype)
+        return cls(**fields, skip_last_layers=skip_last_layers, attention_impl=attention_impl, dtype=dtype,
+                   param_dtype=param_dtype)
 
     def transformers_config(self) -> dict[str, Any]:
         """A dict that ``transformers.CLIPTextConfig(**d)`` accepts, describing this architecture."""

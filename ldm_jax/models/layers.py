@@ -12,9 +12,39 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.attention import attention
+
 Dtype = Any
 
 CONV_AXES = (None, None, "conv_in", "conv_out")
+
+# Rematerialization of blocks (activation checkpointing): which intermediates the backward pass may keep
+# instead of recomputing. 'none' keeps everything (no remat); 'full' keeps only each block's inputs; the others
+# keep the matmul / conv outputs (all of them, or those without batch dimensions) and recompute the rest.
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(policy: str) -> None:
+    """ValueError unless ``policy`` names one of :data:`REMAT_POLICIES`."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {policy!r}; choose one of {list(REMAT_POLICIES)}")
+
+
+def remat(module_class: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """``module_class`` rematerialized under ``policy`` (``nn.remat``; the class itself for 'none').
+
+    Parameter names and values are those of the plain class: only what the
+    backward pass stores changes. ``static_argnums`` counts ``self`` as 0.
+    """
+    check_remat_policy(policy)
+    if policy == "none":
+        return module_class
+    return nn.remat(module_class, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
 
 
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding=None,
@@ -58,31 +88,6 @@ def layer_norm(epsilon: float, name: str, *, dtype: Dtype = jnp.float32,
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Array | None = None,
-              is_causal: bool = False) -> jax.Array:
-    """Multi-head scaled dot-product attention on [B, T, heads * head_dim] inputs.
-
-    On CPU it is written out as two heads-first batched matmuls around a
-    float32 softmax (XLA:CPU runs ``jax.nn.dot_product_attention``'s layout
-    about 3x slower: bench/README.md); elsewhere it goes through
-    ``jax.nn.dot_product_attention`` so that the backend picks its kernel
-    (cuDNN on NVIDIA GPUs).
-    """
-    b, tq, d = q.shape
-    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads)
-    q, k, v = split(q), split(k), split(v)
-    if jax.default_backend() != "cpu":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal).reshape(b, tq, d)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
-    if is_causal:
-        mask = jnp.tril(jnp.ones((tq, k.shape[1]), bool)) if mask is None else mask & jnp.tril(
-            jnp.ones((tq, k.shape[1]), bool))
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, tq, d)
-
-
 class Attention(nn.Module):
     """diffusers-style attention: to_q/to_k/to_v projections, heads, to_out_0.
 
@@ -90,12 +95,14 @@ class Attention(nn.Module):
     ``qkv_bias`` is False in the U-Net transformer and True in the VAE.
     ``upcast`` computes the attention itself (logits, softmax, weighted sum) in
     float32 whatever ``dtype`` is (diffusers' ``upcast_attention``, SD 2.x).
+    ``attention_impl`` picks the kernel (``ldm_jax.models.attention``).
     """
     heads: int
     head_dim: int
     out_features: int
     qkv_bias: bool = False
     upcast: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -109,7 +116,7 @@ class Attention(nn.Module):
         v = dense(inner, "to_v", ("kv_embed", "heads"), use_bias=self.qkv_bias, **kw)(context)
         if self.upcast:
             q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-        out = attention(q, k, v, self.heads).astype(self.dtype)
+        out = attention(q, k, v, self.heads, impl=self.attention_impl).astype(self.dtype)
         return dense(self.out_features, "to_out_0", ("heads", "embed"), **kw)(out)
 
 

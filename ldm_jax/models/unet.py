@@ -16,8 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D, as_tuple, conv,
-                                   dense, group_norm, layer_norm)
+from ldm_jax.models.attention import attention, check_attention_impl
+from ldm_jax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D, as_tuple,
+                                   check_remat_policy, conv, dense, group_norm, layer_norm, remat)
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -36,7 +37,6 @@ _FIXED_OPTIONS = {
     "num_class_embeds": (None,),
     "class_embeddings_concat": (False,),
     "projection_class_embeddings_input_dim": (None,),
-    "addition_embed_type": (None,),
     "addition_time_embed_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
@@ -52,8 +52,10 @@ _FIXED_OPTIONS = {
     "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,),
 }
-# Options without effect here: used only together with an option fixed above.
-_IGNORED_OPTIONS = frozenset({"addition_embed_type_num_heads"})
+# The values of ``addition_embed_type`` we implement: none, or a pooled-text embedding added to the time embedding.
+ADDITION_EMBED_TYPES = (None, "text")
+# Fields of ours that are no diffusers options: how the network computes, not what it is. Never in config.json.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
 # Config fields of ours that are lists of values in the JSON config.
 _TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
                  "attention_head_dim", "transformer_layers_per_block")
@@ -93,6 +95,52 @@ class TimestepEmbedding(nn.Module):
         return dense(self.features, "linear_2", ("mlp", "embed"), **kw)(x)
 
 
+class AttentionPooling(nn.Module):
+    """Pools [B, L, D] to [B, D]: a query token (mean over L + a learned offset) attends over itself and the tokens.
+
+    No output projection; ``positional_embedding`` [1, D] is the learned offset.
+    """
+    heads: int
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        offset = self.param("positional_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(width ** -0.5), (None, "embed")), (1, width), self.param_dtype)
+        query = jnp.mean(x, axis=1, keepdims=True) + offset.astype(x.dtype)
+        tokens = jnp.concatenate([query, x], axis=1)
+        q = dense(width, "q_proj", ("embed", "heads"), **kw)(query)
+        k = dense(width, "k_proj", ("embed", "heads"), **kw)(tokens)
+        v = dense(width, "v_proj", ("embed", "heads"), **kw)(tokens)
+        return attention(q, k, v, self.heads, impl=self.attention_impl)[:, 0]
+
+
+class TextTimeEmbedding(nn.Module):
+    """diffusers' ``addition_embed_type='text'``: the text context pooled into one vector of the time-embedding width.
+
+    LayerNorm, attention pooling, a projection, LayerNorm. Added to the time
+    embedding, it conditions every ResNet block on the whole prompt, besides
+    the cross-attention layers.
+    """
+    features: int
+    heads: int
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layer_norm(1e-5, "norm1", **kw)(context)
+        x = AttentionPooling(self.heads, self.attention_impl, name="pool", **kw)(x)
+        x = dense(self.features, "proj", **kw)(x)
+        return layer_norm(1e-5, "norm2", **kw)(x)
+
+
 class GEGLU(nn.Module):
     """``proj`` to twice ``features``, then value * GELU(gate) (exact GELU)."""
     features: int
@@ -123,6 +171,7 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     head_dim: int
     upcast_attention: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -130,7 +179,7 @@ class BasicTransformerBlock(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, out_features=x.shape[-1], upcast=self.upcast_attention,
-                    **kw)
+                    attention_impl=self.attention_impl, **kw)
         x = x + Attention(name="attn1", **attn)(layer_norm(1e-5, "norm1", **kw)(x))
         x = x + Attention(name="attn2", **attn)(layer_norm(1e-5, "norm2", **kw)(x), context)
         return x + FeedForward(name="ff", **kw)(layer_norm(1e-5, "norm3", **kw)(x))
@@ -148,6 +197,7 @@ class Transformer2DModel(nn.Module):
     groups: int = 32
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -162,7 +212,7 @@ class Transformer2DModel(nn.Module):
         else:
             h = conv(inner, 1, "proj_in", **kw)(h).reshape(b, height * width, inner)
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(self.heads, self.head_dim, self.upcast_attention,
+            h = BasicTransformerBlock(self.heads, self.head_dim, self.upcast_attention, self.attention_impl,
                                       name=f"transformer_blocks_{i}", **kw)(h, context)
         if self.use_linear_projection:
             h = dense(channels, "proj_out", ("mlp", "embed"), **kw)(h).reshape(b, height, width, channels)
@@ -172,7 +222,10 @@ class Transformer2DModel(nn.Module):
 
 
 class _UNetBlock(nn.Module):
-    """Settings shared by the down, mid and up blocks; ``heads == 0`` means no transformers."""
+    """Settings shared by the down, mid and up blocks; ``heads == 0`` means no transformers.
+
+    ``remat_policy`` rematerializes each resnet and each transformer (``layers.remat``).
+    """
     out_channels: int
     num_layers: int
     heads: int = 0
@@ -182,22 +235,25 @@ class _UNetBlock(nn.Module):
     dropout: float = 0.0
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    attention_impl: str = "auto"
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def resnet(self, i: int, x: jax.Array, temb: jax.Array, deterministic: bool) -> jax.Array:
         """Apply ``resnets_<i>``."""
-        return ResnetBlock2D(self.out_channels, self.groups, self.epsilon, self.dropout, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name=f"resnets_{i}")(x, temb, deterministic)
+        block = remat(ResnetBlock2D, self.remat_policy, static_argnums=(3,))  # deterministic is static
+        return block(self.out_channels, self.groups, self.epsilon, self.dropout, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=f"resnets_{i}")(x, temb, deterministic)
 
     def transformer(self, i: int, x: jax.Array, context: jax.Array) -> jax.Array:
         """Apply ``attentions_<i>`` if the block has transformers, else return ``x``."""
         if not self.heads:
             return x
-        return Transformer2DModel(
+        return remat(Transformer2DModel, self.remat_policy)(
             self.heads, self.out_channels // self.heads, self.transformer_layers, self.groups,
-            self.use_linear_projection, self.upcast_attention, dtype=self.dtype, param_dtype=self.param_dtype,
-            name=f"attentions_{i}")(x, context)
+            self.use_linear_projection, self.upcast_attention, self.attention_impl, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=f"attentions_{i}")(x, context)
 
 
 class DownBlock(_UNetBlock):
@@ -261,6 +317,14 @@ class UNet2DConditionModel(nn.Module):
     COUNT per level); ``sample_size`` is metadata only. Build from a diffusers
     ``unet/config.json`` with :meth:`from_diffusers_config`.
 
+    :data:`RUNTIME_FIELDS` are ours and no diffusers options, so they are
+    neither read from nor written to config.json: ``dtype`` (compute),
+    ``param_dtype`` (storage), ``attention_impl`` (the attention kernel,
+    ``ldm_jax.models.attention``) and ``remat_policy`` (rematerialization
+    of the resnets and transformers in training, ``layers.REMAT_POLICIES``).
+    Neither of the last two changes the parameters or, beyond float rounding,
+    the outputs.
+
     ``__call__(sample [B, H, W, in_channels], timesteps int [B], context [B, L,
     cross_attention_dim])`` returns the prediction [B, H, W, out_channels];
     H and W must be divisible by ``2 ** (len(block_out_channels) - 1)``.
@@ -285,8 +349,12 @@ class UNet2DConditionModel(nn.Module):
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     time_embedding_dim: int | None = None
+    addition_embed_type: str | None = None
+    addition_embed_type_num_heads: int = 64
     dropout: float = 0.0
     sample_size: int | None = None
+    attention_impl: str = "auto"
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -306,24 +374,34 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"cross_attention_dim must be one int, got {self.cross_attention_dim!r}")
         if not isinstance(self.norm_num_groups, int):
             raise ValueError(f"norm_num_groups must be an int, got {self.norm_num_groups!r}")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"unsupported addition_embed_type {self.addition_embed_type!r}: use "
+                             f"{' or '.join(map(repr, ADDITION_EMBED_TYPES))}")
+        if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
+            raise ValueError(f"cross_attention_dim {self.cross_attention_dim} is not divisible by "
+                             f"addition_embed_type_num_heads {self.addition_embed_type_num_heads}")
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
         if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
             raise ValueError("conv_in_kernel and conv_out_kernel must be odd, got "
                              f"{self.conv_in_kernel} and {self.conv_out_kernel}")
+        check_attention_impl(self.attention_impl)
+        check_remat_policy(self.remat_policy)
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any], dtype: Dtype = jnp.float32,
-                              param_dtype: Dtype = jnp.float32) -> "UNet2DConditionModel":
-        """The module described by a diffusers ``unet/config.json`` dict.
+                              param_dtype: Dtype = jnp.float32, attention_impl: str = "auto",
+                              remat_policy: str = "none") -> "UNet2DConditionModel":
+        """The module described by a diffusers ``unet/config.json`` dict, with our runtime fields as given.
 
-        Raises ValueError naming the option for unknown options and for options
-        we do not implement that are set to a non-default value.
+        Raises ValueError naming the option for unknown options (our runtime
+        fields included: they are no diffusers options) and for options we do
+        not implement that are set to a non-default value.
         """
-        fields = {f for f in cls.__dataclass_fields__ if f not in ("parent", "name", "dtype", "param_dtype")}
+        fields = {f for f in cls.__dataclass_fields__ if f not in ("parent", "name") + RUNTIME_FIELDS}
         kwargs = {}
         for key, value in config.items():
-            if key.startswith("_") or key in _IGNORED_OPTIONS:
+            if key.startswith("_"):
                 continue
             if key in _FIXED_OPTIONS:
                 if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
@@ -335,13 +413,14 @@ class UNet2DConditionModel(nn.Module):
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
             else:
                 raise ValueError(f"unknown diffusers UNet option {key!r}")
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
+        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                   remat_policy=remat_policy)
 
     def diffusers_config(self) -> dict[str, Any]:
         """A config dict that diffusers' ``UNet2DConditionModel.from_config`` builds the same network from."""
         config = {"_class_name": "UNet2DConditionModel", "mid_block_type": MID_BLOCK}
         for field in self.__dataclass_fields__:
-            if field in ("parent", "name", "dtype", "param_dtype"):
+            if field in ("parent", "name") + RUNTIME_FIELDS:
                 continue
             value = getattr(self, field)
             config[field] = list(value) if field in _TUPLE_FIELDS and not isinstance(value, int) else value
@@ -364,13 +443,17 @@ class UNet2DConditionModel(nn.Module):
         transformer_layers = as_tuple(self.transformer_layers_per_block, n)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shared = dict(groups=self.norm_num_groups, epsilon=self.norm_eps, dropout=self.dropout,
-                      use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention, **kw)
+                      use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                      attention_impl=self.attention_impl, remat_policy=self.remat_policy, **kw)
         context = context.astype(self.dtype)
 
         timesteps = jnp.broadcast_to(timesteps, (sample.shape[0],))
         temb = timestep_embedding(timesteps, channels[0], self.flip_sin_to_cos, self.freq_shift)
         temb = TimestepEmbedding(self.time_embedding_dim or 4 * channels[0], name="time_embedding",
                                  **kw)(temb.astype(self.dtype))
+        if self.addition_embed_type == "text":
+            temb = temb + TextTimeEmbedding(temb.shape[-1], self.addition_embed_type_num_heads, self.attention_impl,
+                                            name="add_embedding", **kw)(context)
 
         if self.center_input_sample:
             sample = 2 * sample - 1.0

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D, conv,
                                    group_norm)
 
@@ -75,6 +76,7 @@ class DiagonalGaussian:
 class MidAttention(nn.Module):
     """Single-head self-attention over the H*W positions, with its own GroupNorm and a residual."""
     groups: int
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -83,7 +85,7 @@ class MidAttention(nn.Module):
         b, h, w, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         tokens = group_norm(self.groups, EPS, "group_norm", **kw)(x).reshape(b, h * w, c)
-        attn = Attention(heads=1, head_dim=c, out_features=c, qkv_bias=True, **kw)
+        attn = Attention(heads=1, head_dim=c, out_features=c, qkv_bias=True, attention_impl=self.attention_impl, **kw)
         nn.share_scope(self, attn)  # to_q / to_k / to_v / to_out_0 sit next to group_norm, as in diffusers
         return x + attn(tokens).reshape(b, h, w, c)
 
@@ -92,6 +94,7 @@ class MidBlock(nn.Module):
     """resnet, (attention), resnet at constant width: diffusers' ``UNetMidBlock2D`` without time embedding."""
     groups: int
     add_attention: bool = True
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -101,7 +104,7 @@ class MidBlock(nn.Module):
         c = x.shape[-1]
         x = ResnetBlock2D(c, self.groups, EPS, name="resnets_0", **kw)(x)
         if self.add_attention:
-            x = MidAttention(self.groups, name="attentions_0", **kw)(x)
+            x = MidAttention(self.groups, self.attention_impl, name="attentions_0", **kw)(x)
         return ResnetBlock2D(c, self.groups, EPS, name="resnets_1", **kw)(x)
 
 
@@ -134,6 +137,7 @@ class Encoder(nn.Module):
     latent_channels: int
     groups: int
     mid_block_add_attention: bool = True
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -146,7 +150,7 @@ class Encoder(nn.Module):
             x = nn.with_logical_constraint(x, ACT_AXES)
             x = ResnetStack(channels, self.layers_per_block, self.groups, resample=None if i == last else "down",
                             name=f"down_blocks_{i}", **kw)(x)
-        x = MidBlock(self.groups, self.mid_block_add_attention, name="mid_block", **kw)(x)
+        x = MidBlock(self.groups, self.mid_block_add_attention, self.attention_impl, name="mid_block", **kw)(x)
         x = nn.silu(group_norm(self.groups, EPS, "conv_norm_out", **kw)(x))
         return conv(2 * self.latent_channels, 3, "conv_out", **kw)(x)
 
@@ -161,6 +165,7 @@ class Decoder(nn.Module):
     out_channels: int
     groups: int
     mid_block_add_attention: bool = True
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -168,7 +173,7 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv(self.block_out_channels[-1], 3, "conv_in", **kw)(z)
-        x = MidBlock(self.groups, self.mid_block_add_attention, name="mid_block", **kw)(x)
+        x = MidBlock(self.groups, self.mid_block_add_attention, self.attention_impl, name="mid_block", **kw)(x)
         last = len(self.block_out_channels) - 1
         for i, channels in enumerate(reversed(self.block_out_channels)):
             x = nn.with_logical_constraint(x, ACT_AXES)
@@ -201,6 +206,9 @@ class AutoencoderKL(nn.Module):
     Defaults are diffusers'; SD's VAE is ``block_out_channels=(128, 256, 512, 512),
     layers_per_block=2``. Use ``apply(..., method='encode')`` for the posterior
     and ``method='decode'`` for images; ``__call__`` does both for training.
+    ``attention_impl`` (the mid blocks' attention kernel,
+    ``ldm_jax.models.attention``), ``dtype`` and ``param_dtype`` are ours,
+    not diffusers config options.
     """
     in_channels: int = 3
     out_channels: int = 3
@@ -211,18 +219,20 @@ class AutoencoderKL(nn.Module):
     mid_block_add_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one block")
+        check_attention_impl(self.attention_impl)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         blocks = tuple(self.block_out_channels)
         self.encoder = Encoder(blocks, self.layers_per_block, self.latent_channels, self.norm_num_groups,
-                               self.mid_block_add_attention, **kw)
+                               self.mid_block_add_attention, self.attention_impl, **kw)
         self.decoder = Decoder(blocks, self.layers_per_block, self.out_channels, self.norm_num_groups,
-                               self.mid_block_add_attention, **kw)
+                               self.mid_block_add_attention, self.attention_impl, **kw)
         latent = self.latent_channels
         self.quant_conv = conv(2 * latent, 1, "quant_conv", **kw) if self.use_quant_conv else None
         self.post_quant_conv = conv(latent, 1, "post_quant_conv", **kw) if self.use_post_quant_conv else None
@@ -251,7 +261,7 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], dtype: Dtype = jnp.float32,
-                              param_dtype: Dtype = jnp.float32) -> "AutoencoderKL":
+                              param_dtype: Dtype = jnp.float32, attention_impl: str = "auto") -> "AutoencoderKL":
         """Build the module from a diffusers ``vae/config.json`` dict.
 
         Keys starting with ``_`` and ``sample_size``, ``scaling_factor`` and
@@ -278,7 +288,7 @@ class AutoencoderKL(nn.Module):
             if types != (block,) * n:
                 raise ValueError(f"AutoencoderKL config option {key}={types!r} is not supported "
                                  f"(only {n} x {block!r}, one per block_out_channels entry)")
-        return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
+        return cls(**kwargs, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
 
     def diffusers_config(self, **extra: Any) -> dict:
         """A config dict that diffusers' ``AutoencoderKL.from_config`` turns into this architecture.

@@ -42,7 +42,7 @@ def stage_dir(workdir: str) -> str:
 def loss_config(config: Mapping[str, Any]) -> AutoencoderLossConfig:
     """The static loss config (modules and weights) of a run config."""
     ae = config["autoencoder"]
-    vae = AutoencoderKL.from_diffusers_config(dict(config["vae"]))
+    vae = AutoencoderKL.from_diffusers_config(dict(config["vae"]), attention_impl=config["attention_impl"])
     discriminator = NLayerDiscriminator(ndf=ae["disc_channels"], n_layers=ae["disc_layers"], norm=ae["disc_norm"])
     return AutoencoderLossConfig(vae=vae, discriminator=discriminator, lpips=LPIPS(), kl_weight=ae["kl_weight"],
                                  perceptual_weight=ae["perceptual_weight"], disc_weight=ae["disc_weight"],
@@ -83,6 +83,16 @@ def evaluate(config: Mapping[str, Any], vae_params: Any, mesh: jax.sharding.Mesh
             break
     iterator.close()
     return {f"eval_{name}": value / max(count, 1) for name, value in totals.items()}
+
+
+def jit_train_step(loss_cfg: AutoencoderLossConfig, optimizers: Mapping[str, Any], mesh: jax.sharding.Mesh,
+                   shardings: Any) -> Any:
+    """``step(state, batch, lpips_params, rng) -> (state, metrics)``: the stage-1 step jitted with the state's
+    shardings, the batch split over the batch axes, LPIPS params and metrics replicated, the state donated."""
+    replicated = parallel.replicated(mesh)
+    return jax.jit(functools.partial(ae_step.train_step, loss_cfg, optimizers),
+                   in_shardings=(shardings, parallel.batch_sharding(mesh), replicated, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest | None = None) -> dict[str, float]:
@@ -126,9 +136,7 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest
 
     replicated = parallel.replicated(mesh)
     batch_sharding = parallel.batch_sharding(mesh)
-    train = jax.jit(functools.partial(ae_step.train_step, loss_cfg, optimizers),
-                    in_shardings=(shardings, batch_sharding, replicated, replicated),
-                    out_shardings=(shardings, replicated), donate_argnums=0)
+    train = jit_train_step(loss_cfg, optimizers, mesh, shardings)
     eval_fn = jax.jit(functools.partial(ae_step.eval_step, loss_cfg),
                       in_shardings=(shardings.params["vae"], batch_sharding), out_shardings=batch_sharding)
     std_fn = jax.jit(functools.partial(ae_step.latent_std, loss_cfg.vae), out_shardings=replicated)

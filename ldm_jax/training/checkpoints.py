@@ -228,18 +228,19 @@ def _abstract(module: Any, name: str, config: dict, sharding: jax.sharding.Shard
 
 
 def load_pipeline(workdir: str, step: int | None = None, *, use_ema: bool = True, dtype: Any = jnp.float32,
-                  param_dtype: Any = jnp.float32) -> Pipeline:
+                  param_dtype: Any = jnp.float32, attention_impl: str = "auto") -> Pipeline:
     """The `Pipeline` saved as checkpoint ``step`` of ``workdir`` (the latest step for None).
 
     The EMA U-Net params are used when the checkpoint has them and
     ``use_ema``; ``dtype`` is the compute dtype, ``param_dtype`` that of the
-    restored params (on the first local device). The tokenizer comes from
+    restored params (on the first local device); ``attention_impl`` the
+    attention kernel (``ldm_jax.models.attention``). The tokenizer comes from
     ``WORKDIR/tokenizer`` (None when absent).
     """
     step = resolve_step(workdir, step)
     with checkpoint_manager(workdir, keep=None, create=False) as manager:
         configs = read_configs(manager, step)
-        modules = build_modules(configs, dtype, param_dtype)
+        modules = build_modules(configs, dtype, param_dtype, attention_impl=attention_impl)
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = {name: _abstract(modules[name], name, configs[name], sharding) for name in COMPONENTS}
         stored = params_metadata(manager, step)

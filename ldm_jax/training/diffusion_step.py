@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.data.latents import sample_latents
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.training.nonfinite import is_finite, keep_if_finite
 from ldm_jax.training.state import TrainState, ema_decay, ema_update, global_norm
@@ -61,6 +60,16 @@ def loss_weights(schedule: sched.NoiseSchedule, t: jax.Array, gamma: float) -> j
     if schedule.prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     return clipped
+
+
+def sample_latents(batch: Mapping[str, jax.Array], rng: jax.Array, scale_factor: float) -> jax.Array:
+    """``(mean + exp(logvar / 2) * eps) * scale_factor`` for a batch of cached moments (float32).
+
+    The latent cache (``ldm_jax.data.latents``) stores posterior moments, so each visit draws a fresh sample.
+    """
+    mean = batch["mean"].astype(jnp.float32)
+    std = jnp.exp(0.5 * batch["logvar"].astype(jnp.float32))
+    return (mean + std * jax.random.normal(rng, mean.shape, jnp.float32)) * scale_factor
 
 
 def clean_latents(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array],

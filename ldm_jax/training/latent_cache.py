@@ -18,7 +18,7 @@ def cache_folder(config: Mapping[str, Any], workdir: str) -> str:
     return config["latents"]["dir"] or os.path.join(workdir, "latents")
 
 
-def _from_autoencoder_run(run: str) -> latents.FrozenVAE:
+def _from_autoencoder_run(run: str, attention_impl: str) -> latents.FrozenVAE:
     folder = stage_dir(run)
     if not os.path.isdir(checkpoints.checkpoint_dir(folder)):
         raise FileNotFoundError(f"no stage-1 checkpoint in {folder}: train the autoencoder first (add "
@@ -26,7 +26,7 @@ def _from_autoencoder_run(run: str) -> latents.FrozenVAE:
     step = checkpoints.resolve_step(folder)
     with checkpoints.checkpoint_manager(folder, keep=None, create=False) as manager:
         config = checkpoints.read_config(manager, step)["configs"]["vae"]
-        module = AutoencoderKL.from_diffusers_config(config)
+        module = AutoencoderKL.from_diffusers_config(config, attention_impl=attention_impl)
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                 flax.linen.meta.unbox(abstract_params(module, "vae", config)))
@@ -42,12 +42,12 @@ def load_frozen_vae(config: Mapping[str, Any], workdir: str) -> latents.FrozenVA
     A pretrained pipeline is a diffusers folder or a single-file SD
     ``.safetensors``; its VAE config's scaling factor is used.
     """
-    source = config["vae_from"] or config["init_from"]
+    source, attention_impl = config["vae_from"] or config["init_from"], config["attention_impl"]
     if not source:
-        return _from_autoencoder_run(workdir)
+        return _from_autoencoder_run(workdir, attention_impl)
     if os.path.isdir(os.path.join(source, "autoencoder")):
-        return _from_autoencoder_run(source)
-    module, params, scale = load_vae(source)
+        return _from_autoencoder_run(source, attention_impl)
+    module, params, scale = load_vae(source, attention_impl=attention_impl)
     return latents.frozen_vae(module, params, scale, source)
 
 

@@ -86,6 +86,38 @@ class MetricWriter:
             self._summary.flush()
 
 
+class DeferredWriter:
+    """Writes each record of scalar metrics one record late, so that the training loop never waits for the device.
+
+    ``push(step, metrics)`` takes device arrays (the step's outputs), starts
+    their copy to the host and writes the record pushed before it, whose
+    arrays are long computed by then; ``flush()`` writes the last one. The
+    values written are exactly those pushed.
+    """
+
+    def __init__(self, writer: MetricWriter, prefix: str = ""):
+        """Write through ``writer``, each name prefixed with ``prefix``."""
+        self.writer, self.prefix = writer, prefix
+        self._pending: tuple[int, dict[str, Any]] | None = None
+
+    def push(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float] | None:
+        """Hold ``metrics`` of ``step``; write the previous record and return it as floats (None if there was none)."""
+        for value in metrics.values():
+            if isinstance(value, jax.Array):
+                value.copy_to_host_async()
+        written = self.flush()
+        self._pending = (step, dict(metrics))
+        return written
+
+    def flush(self) -> dict[str, float] | None:
+        """Write the held record now and return it as floats (None if none is held)."""
+        if self._pending is None:
+            return None
+        step, metrics = self._pending
+        self._pending = None
+        return self.writer.write(step, metrics, prefix=self.prefix)
+
+
 def _step_of(line: str) -> int | None:
     """The step of a metrics.jsonl line, None for a line that is not a whole record."""
     try:

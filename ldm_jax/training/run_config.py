@@ -7,13 +7,15 @@ Top-level keys::
     stages         comma-separated, run in this order: 'autoencoder' (stage 1), 'latents' (the latent cache),
                    'diffusion' (stage 2, which builds the cache first when it is missing)
     image_size     side of the square training images (must equal data.image_size)
+    attention_impl the attention kernel of every model in every stage (ldm_jax/models/attention.py): 'auto',
+                   'xla', 'cudnn' (NVIDIA GPUs), 'einsum', 'pallas_tpu' (TPUs); not part of the model configs
     unet, vae, text_encoder, scheduler   diffusers / transformers config dicts of the models
     vae_from       the frozen VAE for the latent cache and stage 2: '' = this workdir's stage-1 checkpoint
                    (or init_from's VAE); else a stage-1 workdir, a diffusers folder or a single-file SD .safetensors
     init_from      fine-tune a pretrained pipeline (diffusers folder or single-file SD .safetensors): its
                    U-Net, text encoder, VAE, scale factor and tokenizer replace the config's models
     data           the data section (ldm_jax/data/config.py)
-    mesh           device mesh axis sizes (ldm_jax/parallel.py)
+    mesh           the device mesh: axis sizes within and across slices, frozen models' layout (ldm_jax/parallel.py)
     autoencoder    stage-1 training (AUTOENCODER_DEFAULTS below)
     latents        the latent cache (LATENTS_DEFAULTS below)
     diffusion      stage-2 training (DIFFUSION_DEFAULTS below)
@@ -27,7 +29,9 @@ from typing import Any, Mapping
 import ml_collections
 
 from ldm_jax.data.config import data_config
-from ldm_jax.parallel import AXES, MESH_DEFAULTS, mesh_shape
+from ldm_jax.models.attention import check_attention_impl
+from ldm_jax.models.layers import REMAT_POLICIES
+from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
 from ldm_jax.training.nonfinite import POLICIES
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS
 
@@ -74,7 +78,9 @@ DIFFUSION_DEFAULTS = dict(
     train_text_encoder=False,  # True: train it jointly (LDM); False: frozen (Stable Diffusion)
     ema_decay=0.9999,        # 0: no EMA
     ema_warmup=True,         # decay min(ema_decay, (1 + step) / (10 + step))
-    dtype="float32",         # compute dtype ('bfloat16' on accelerators); params stay float32
+    dtype="float32",         # compute dtype ('bfloat16' on accelerators); params, optimizer state and EMA stay float32
+    remat_policy="none",     # U-Net activation rematerialization: none, full, dots_saveable,
+                             # dots_with_no_batch_dims_saveable (ldm_jax/models/layers.py)
     nan_policy="stop",       # a NaN/Inf loss or gradient: 'stop' (with an error naming the step) or 'skip' the update
     log_every=50,
     checkpoint_every=500,
@@ -86,8 +92,8 @@ DIFFUSION_DEFAULTS = dict(
     guidance_scale=4.0,
 )
 
-TOP_LEVEL = ("workdir", "seed", "stages", "image_size", "unet", "vae", "text_encoder", "scheduler", "vae_from",
-             "init_from", "data", "mesh", "autoencoder", "latents", "diffusion")
+TOP_LEVEL = ("workdir", "seed", "stages", "image_size", "attention_impl", "unet", "vae", "text_encoder", "scheduler",
+             "vae_from", "init_from", "data", "mesh", "autoencoder", "latents", "diffusion")
 
 
 def _section(name: str, defaults: Mapping[str, Any], values: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
@@ -108,7 +114,8 @@ def _section(name: str, defaults: Mapping[str, Any], values: Mapping[str, Any] |
 
 def run_config(*, unet: Mapping, vae: Mapping, text_encoder: Mapping, scheduler: Mapping, data: Mapping,
                workdir: str, stages: str = "autoencoder,latents,diffusion", seed: int = 0,
-               image_size: int | None = None, vae_from: str = "", init_from: str = "", mesh: Mapping | None = None,
+               image_size: int | None = None, attention_impl: str = "auto", vae_from: str = "", init_from: str = "",
+               mesh: Mapping | None = None,
                autoencoder: Mapping | None = None, latents: Mapping | None = None,
                diffusion: Mapping | None = None) -> ml_collections.ConfigDict:
     """A locked, validated run config; every section not given gets its defaults."""
@@ -120,6 +127,7 @@ def run_config(*, unet: Mapping, vae: Mapping, text_encoder: Mapping, scheduler:
                                                                       dict(scheduler))
     config.data = data_config(data)
     config.image_size = image_size or config.data.image_size
+    config.attention_impl = attention_impl
     config.vae_from = vae_from
     config.init_from = init_from
     config.mesh = _section("mesh", MESH_DEFAULTS, mesh)
@@ -153,6 +161,7 @@ def validate(config: Mapping[str, Any]) -> None:
     if unknown:
         raise KeyError(f"unknown config key(s) {unknown}; known keys: {sorted(TOP_LEVEL)}")
     stages(config)
+    check_mesh_config(config["mesh"])
     if config["image_size"] != config["data"]["image_size"]:
         raise ValueError(f"image_size {config['image_size']} differs from data.image_size "
                          f"{config['data']['image_size']}")
@@ -170,6 +179,10 @@ def validate(config: Mapping[str, Any]) -> None:
                          f"text_encoder.max_position_embeddings {positions}")
     if config["diffusion"]["dtype"] not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"diffusion.dtype must be float32, bfloat16 or float16, got {config['diffusion']['dtype']!r}")
+    check_attention_impl(config["attention_impl"])
+    if config["diffusion"]["remat_policy"] not in REMAT_POLICIES:
+        raise ValueError(f"diffusion.remat_policy must be one of {list(REMAT_POLICIES)}, got "
+                         f"{config['diffusion']['remat_policy']!r}")
     width = config["text_encoder"]["hidden_size"]
     if config["unet"]["cross_attention_dim"] != width:
         raise ValueError(f"unet.cross_attention_dim {config['unet']['cross_attention_dim']} differs from the text "

@@ -26,6 +26,9 @@ SD2_TINY = dict(
     cross_attention_dim=48, norm_num_groups=8, use_linear_projection=True, upcast_attention=True,
 )
 
+# SD 2.x layout plus the pooled-text embedding added to the time embedding (addition_embed_type='text').
+TEXT_TIME_TINY = dict(SD2_TINY, addition_embed_type="text", addition_embed_type_num_heads=4)
+
 # Stable Diffusion 1.5's unet/config.json (numerics-relevant keys).
 SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4,

@@ -1,0 +1,125 @@
+"""Stage 2's train state on a device mesh: creation, shardings, the jitted step, checkpoint save and restore.
+
+Shared by the stage-2 loop, ``python -m ldm_jax.compile_check`` and the
+multi-process test, so that all three lay out and step the same state. The
+shardings come from ``jax.eval_shape`` of `init_state` and the logical axis
+rules (``ldm_jax.parallel``), checked against the parameters' shapes before
+anything is compiled; the frozen text encoder follows ``mesh.frozen``.
+"""
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ldm_jax import parallel
+from ldm_jax.pipeline import init_inputs
+from ldm_jax.training import checkpoints
+from ldm_jax.training.diffusion_step import DiffusionTask, train_step
+from ldm_jax.training.state import TrainState
+
+EMA_UNET = checkpoints.EMA_UNET
+
+
+def trained_names(task: DiffusionTask) -> tuple[str, ...]:
+    """The models whose params the optimizer updates."""
+    return ("unet", "text_encoder") if task.train_text_encoder else ("unet",)
+
+
+def init_state(task: DiffusionTask, configs: Mapping[str, dict], optimizer: optax.GradientTransformation,
+               rng: jax.Array, pretrained: dict[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """A fresh (boxed) train state and the frozen params: random, or ``pretrained`` ({'unet', 'text_encoder'}).
+
+    ``configs`` holds the 'unet' and 'text_encoder' config dicts. ``pretrained``
+    is an argument, not a closed-over constant, so that jitting this function
+    does not bake the weights into the program.
+    """
+    keys = dict(zip(("unet", "text_encoder"), jax.random.split(rng)))
+    modules = {"unet": task.unet, "text_encoder": task.text_encoder}
+    params = {name: module.init(keys[name], *init_inputs(name, configs[name]))["params"]
+              for name, module in modules.items()}
+    if pretrained is not None:  # keep the logical-partitioning boxes, swap in the pretrained values
+        params = jax.tree.map(lambda box, value: box.replace_boxed(value) if hasattr(box, "replace_boxed") else value,
+                              params, pretrained, is_leaf=lambda x: hasattr(x, "replace_boxed"))
+    trained = {name: params[name] for name in trained_names(task)}
+    frozen = {name: params[name] for name in params if name not in trained}
+    ema = {"unet": params["unet"]} if task.ema_decay > 0 else {}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=trained, opt_state=optimizer.init(trained), ema=ema)
+    return state, frozen
+
+
+def _boxed_shapes(task: DiffusionTask, configs: Mapping[str, dict],
+                  optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Any]]:
+    return jax.eval_shape(functools.partial(init_state, task, configs, optimizer), jax.random.key(0))
+
+
+def state_shardings(task: DiffusionTask, configs: Mapping[str, dict], optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, frozen_layout: str = "shard") -> tuple[TrainState, dict[str, Any]]:
+    """The shardings of (state, frozen params), from their abstract shapes; ValueError naming parameters that
+    do not fit the mesh (before anything is compiled)."""
+    state, frozen = _boxed_shapes(task, configs, optimizer)
+    return parallel.logical_shardings(state, mesh), parallel.frozen_shardings(frozen, mesh, frozen_layout)
+
+
+def create_state(task: DiffusionTask, configs: Mapping[str, dict], optimizer: optax.GradientTransformation,
+                 mesh: jax.sharding.Mesh, rng: jax.Array, pretrained: dict[str, Any] | None = None,
+                 frozen_layout: str = "shard") -> tuple[TrainState, dict[str, Any], tuple[TrainState, dict]]:
+    """A train state and frozen params born sharded on ``mesh``, and their shardings."""
+    shardings = state_shardings(task, configs, optimizer, mesh, frozen_layout)
+    (state, frozen), _ = parallel.sharded_init(functools.partial(init_state, task, configs, optimizer), mesh, rng,
+                                               pretrained, shardings=shardings)
+    return state, frozen, shardings
+
+
+def abstract_state(task: DiffusionTask, configs: Mapping[str, dict], optimizer: optax.GradientTransformation,
+                   mesh: jax.sharding.Mesh, frozen_layout: str = "shard") -> tuple[TrainState, dict[str, Any]]:
+    """(state, frozen) as ``ShapeDtypeStruct``s placed on their shardings: nothing is allocated."""
+    shapes = nn.meta.unbox(_boxed_shapes(task, configs, optimizer))
+    return checkpoints.abstract_like(shapes, state_shardings(task, configs, optimizer, mesh, frozen_layout))
+
+
+def jit_train_step(task: DiffusionTask, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                   shardings: tuple[TrainState, dict[str, Any]]) -> Any:
+    """``step(state, batch, frozen, rng) -> (state, metrics)``: `train_step` jitted with the state's shardings,
+    the batch split over the batch axes, replicated metrics, and the state donated."""
+    state_sh, frozen_sh = shardings
+    batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    return jax.jit(functools.partial(train_step, task, optimizer),
+                   in_shardings=(state_sh, batch, frozen_sh, replicated),
+                   out_shardings=(state_sh, replicated), donate_argnums=0)
+
+
+def checkpoint_params(task: DiffusionTask, state: TrainState, frozen: dict[str, Any]) -> dict[str, Any]:
+    """The params item of a stage-2 checkpoint: 'unet', 'text_encoder' and, with EMA, 'ema_unet'."""
+    text = state.params["text_encoder"] if task.train_text_encoder else frozen["text_encoder"]
+    params = {"unet": state.params["unet"], "text_encoder": text}
+    if state.ema:
+        params[EMA_UNET] = state.ema["unet"]
+    return params
+
+
+def save_state(manager: Any, step: int, task: DiffusionTask, state: TrainState, frozen: dict[str, Any],
+               config: dict[str, Any], extra_params: dict[str, Any] | None = None) -> None:
+    """Save the state as checkpoint ``step``: `checkpoint_params` (plus ``extra_params``, e.g. the VAE's),
+    the step and optimizer state, and the JSON ``config`` item (asynchronous)."""
+    params = {**checkpoint_params(task, state, frozen), **(extra_params or {})}
+    checkpoints.save_train_step(manager, step, params, {"step": state.step, "opt_state": state.opt_state}, config)
+
+
+def restore_state(manager: Any, step: int, task: DiffusionTask, state: TrainState, frozen: dict[str, Any],
+                  shardings: tuple[TrainState, dict[str, Any]]) -> tuple[TrainState, dict[str, Any]]:
+    """The state and frozen params saved at ``step``, restored onto ``shardings`` (``state`` and ``frozen``
+    give the shapes; any mesh works, whatever mesh saved them)."""
+    state_sh, frozen_sh = shardings
+    params = checkpoints.abstract_like(checkpoint_params(task, state, frozen),
+                                       checkpoint_params(task, state_sh, frozen_sh))
+    rest = checkpoints.abstract_like({"step": state.step, "opt_state": state.opt_state},
+                                     {"step": state_sh.step, "opt_state": state_sh.opt_state})
+    restored, rest = checkpoints.restore_train_step(manager, step, params, rest)
+    trained = {name: restored[name] for name in trained_names(task)}
+    ema = {"unet": restored[EMA_UNET]} if state.ema else {}
+    state = TrainState(step=rest["step"], params=trained, opt_state=rest["opt_state"], ema=ema)
+    return state, {name: restored[name] for name in frozen}

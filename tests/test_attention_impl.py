@@ -1,0 +1,123 @@
+"""The attention implementations agree; the option reaches every attention layer and stays out of configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from configs import tiny
+from ldm_jax.models.attention import attention, einsum_attention, pallas_tpu_attention
+from ldm_jax.models.unet import UNet2DConditionModel
+from ldm_jax.pipeline import build_modules, init_inputs
+
+CPU_IMPLS = ("auto", "xla", "einsum")  # the implementations a CPU runs
+TOLERANCE = 2e-6  # float32 rounding; measured <= 3e-7 on CPU (jax 0.10.2)
+
+
+def _reference(q, k, v, heads, mask=None, is_causal=False) -> np.ndarray:
+    """float64 numpy attention on [B, T, heads * D]."""
+    split = lambda x: np.asarray(x, np.float64).reshape(x.shape[0], x.shape[1], heads, -1).transpose(0, 2, 1, 3)
+    q, k, v = split(q), split(k), split(v)
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    keep = np.ones(logits.shape, bool)
+    if mask is not None:
+        keep &= np.asarray(mask)
+    if is_causal:
+        keep &= np.tril(np.ones(logits.shape[-2:], bool))
+    logits = np.where(keep, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    out = (weights / weights.sum(-1, keepdims=True)) @ v
+    return out.transpose(0, 2, 1, 3).reshape(out.shape[0], out.shape[2], -1)
+
+
+def _qkv(batch, tq, tk, heads, head_dim, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = lambda t: (batch, t, heads * head_dim)
+    return (rng.standard_normal(shape(tq)).astype(np.float32), rng.standard_normal(shape(tk)).astype(np.float32),
+            rng.standard_normal(shape(tk)).astype(np.float32))
+
+
+# U-Net shapes: self-attention over 8x8 latents and cross-attention to 7 text tokens; CLIP: causal self-attention
+# over 6 tokens with padding keys masked out (the last two of the first prompt).
+CASES = {
+    "unet_self": dict(shapes=(2, 64, 64, 2, 16), mask=None, is_causal=False),
+    "unet_cross": dict(shapes=(2, 64, 7, 2, 16), mask=None, is_causal=False),
+    "clip_causal_masked": dict(shapes=(2, 6, 6, 4, 8), mask=np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1], bool)
+                               .reshape(2, 1, 1, 6), is_causal=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cpu_implementations_agree(case):
+    spec = CASES[case]
+    batch, tq, tk, heads, head_dim = spec["shapes"]
+    q, k, v = _qkv(batch, tq, tk, heads, head_dim)
+    expected = _reference(q, k, v, heads, spec["mask"], spec["is_causal"])
+    for impl in CPU_IMPLS:
+        out = jax.jit(lambda q, k, v: attention(q, k, v, heads, spec["mask"], spec["is_causal"], impl=impl))(q, k, v)
+        assert out.shape == expected.shape
+        np.testing.assert_allclose(np.asarray(out), expected, atol=TOLERANCE, err_msg=impl)
+
+
+@pytest.mark.parametrize("impl,backend", [("cudnn", "gpu"), ("pallas_tpu", "tpu")])
+def test_unavailable_implementation_names_itself_and_the_backend(impl, backend):
+    q, k, v = _qkv(1, 4, 4, 1, 8)
+    with pytest.raises(ValueError, match=rf"attention_impl '{impl}' needs the '{backend}' backend.*backend is 'cpu'"):
+        attention(q, k, v, 1, impl=impl)
+    with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
+        attention(q, k, v, 1, impl="flash")
+
+
+def test_the_option_reaches_every_attention_layer():
+    """With 'cudnn' on a CPU every model fails at its first attention call: the field is passed all the way down."""
+    configs = {name: tiny.get_config()[name].to_dict() for name in ("unet", "vae", "text_encoder")}
+    modules = build_modules(configs, attention_impl="cudnn")
+    for name in ("unet", "vae", "text_encoder"):
+        assert modules[name].attention_impl == "cudnn"
+        with pytest.raises(ValueError, match="attention_impl 'cudnn' needs the 'gpu' backend"):
+            jax.eval_shape(modules[name].init, jax.random.key(0), *init_inputs(name, configs[name]))
+    unet = build_modules(configs, attention_impl="xla")["unet"]
+    jax.eval_shape(unet.init, jax.random.key(0), *init_inputs("unet", configs["unet"]))  # an available one traces
+
+
+def test_runtime_fields_stay_out_of_the_diffusers_config():
+    config = tiny.get_config().unet.to_dict()
+    plain = UNet2DConditionModel.from_diffusers_config(config)
+    tuned = UNet2DConditionModel.from_diffusers_config(config, attention_impl="xla", remat_policy="full")
+    assert tuned.attention_impl == "xla" and tuned.remat_policy == "full"
+    assert tuned.diffusers_config() == plain.diffusers_config()
+    assert not {"attention_impl", "remat_policy", "dtype", "param_dtype"} & set(tuned.diffusers_config())
+    with pytest.raises(ValueError, match="unknown diffusers UNet option 'attention_impl'"):
+        UNet2DConditionModel.from_diffusers_config({**config, "attention_impl": "xla"})
+    with pytest.raises(ValueError, match="unknown attention_impl 'fast'"):
+        UNet2DConditionModel.from_diffusers_config(config, attention_impl="fast")
+
+
+# The Pallas TPU kernel, run by its interpreter on the CPU.
+
+def test_pallas_tpu_kernel_matches_einsum_in_interpret_mode():
+    """Causal attention with padding keys masked out (CLIP's case)."""
+    spec = CASES["clip_causal_masked"]
+    batch, tq, tk, heads, head_dim = spec["shapes"]
+    q, k, v = (jnp.asarray(x).reshape(batch, x.shape[1], heads, head_dim).transpose(0, 2, 1, 3)
+               for x in _qkv(batch, tq, tk, heads, head_dim))
+    with pltpu.force_tpu_interpret_mode():
+        out = pallas_tpu_attention(q, k, v, spec["mask"], spec["is_causal"])
+    expected = einsum_attention(q, k, v, spec["mask"], spec["is_causal"])
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=TOLERANCE)
+
+
+def test_pallas_tpu_kernel_values_and_gradients_match_einsum_in_interpret_mode():
+    """Forward and backward kernels (what training runs) with both paddings: 7 keys to 128, a 160-wide head
+    (SD 1.5's third level) to 256."""
+    q, k, v = (jnp.asarray(x).reshape(1, x.shape[1], 1, 160).transpose(0, 2, 1, 3) for x in _qkv(1, 8, 7, 1, 160))
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    with pltpu.force_tpu_interpret_mode():
+        value, grads = jax.value_and_grad(loss(pallas_tpu_attention), argnums=(0, 1, 2))(q, k, v)
+    expected_value, expected = jax.value_and_grad(loss(einsum_attention), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-5)
+    for got, want in zip(grads, expected):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
