@@ -6,15 +6,18 @@ latent cache has one NaN example, met at step 5; 6 steps, checkpoints every
 3, ``nan_policy='skip'``, one CPU device. The runs differ only in how they are
 interrupted. Two lanes run side by side:
 
-    interrupted:  SIGTERM after the first logged step  ->  restart, killed (SIGKILL) while committing its
-                  next checkpoint  ->  restart to the end
-    reference:    uninterrupted  ->  the same with nan_policy='stop', in a fresh workdir
+    interrupted:  SIGTERM after the first logged step  ->  restart, killed (SIGKILL) while committing the
+                  checkpoint of the last step  ->  restart to the end
+    reference:    uninterrupted  ->  the same with nan_policy='stop', in a fresh workdir  ->
+                  SIGKILL from outside after the first logged step, in a fresh workdir  ->  restart to the end
 
 The module fixture runs both lanes and records what happened; each test
 checks one outcome. The kill mid-save is exact: the process SIGKILLs itself
 inside orbax at the rename that commits the step folder, so everything else
 of the save (items, ``commit_success.txt``) is on disk, as when a machine dies
-at that instant.
+at that instant. Metrics are written one log interval late (``DeferredWriter``),
+so the killed run has logged steps up to STEPS - 1, past its latest complete
+checkpoint unless SIGTERM stopped the first run at step STEPS - 1.
 """
 
 import json
@@ -46,14 +49,16 @@ NAN_STEP, LAST_GOOD = 5, 3  # the NaN example is in the batch of step 5; the che
 BROKEN = {"corrupt.png": b"\x89PNG\r\n\x1a\n not a png", "empty.png": b""}
 COMPARED = ("train/loss", "train/mse", "train/grad_norm", "train/lr", "train/weight", "train/nonfinite_skips")
 TIMEOUT = 900
+# Seven training processes, each compiling the tiny step: minutes on 2 cores, so outside the default suite.
+pytestmark = pytest.mark.slow
 
-# Runs ldm_jax.train with orbax's rename patched: the rename that commits a step folder kills the process first.
-KILL_AT_COMMIT = """
+# Runs ldm_jax.train with orbax's rename patched: the rename that commits step STEPS's folder kills the process.
+KILL_AT_COMMIT = f"""
 import os, runpy, signal, sys
 from orbax.checkpoint._src.path import atomicity
 rename = atomicity.async_path.rename
 async def rename_or_die(source, target):
-    if target.name.isdigit():
+    if target.name == "{STEPS}":
         os.kill(os.getpid(), signal.SIGKILL)
     return await rename(source, target)
 atomicity.async_path.rename = rename_or_die
@@ -198,11 +203,22 @@ def _interrupted_lane(runner: Runner, out: dict) -> None:
     out["resumed"] = runner.run("resumed", workdir)
 
 
+def _sigkill_lane(runner: Runner, out: dict) -> None:
+    workdir = os.path.join(runner.root, "sigkilled")
+    first = runner.start("sigkill", workdir)
+    _wait_for_logged_step(workdir, first)
+    first.kill()  # SIGKILL from outside, wherever the trainer is: in a step, a save, a metrics write
+    out["sigkill"] = runner.finish("sigkill", first)
+    out["after_sigkill"] = checkpoints.available_steps(workdir)
+    out["sigkill_resumed"] = runner.run("sigkill_resumed", workdir)
+
+
 def _reference_lane(runner: Runner, out: dict) -> None:
     out["reference"] = runner.run("reference", os.path.join(runner.root, "reference"))
     nan_run = os.path.join(runner.root, "nan_stop")
     out["nan_stop"] = runner.run("nan_stop", nan_run, "--config.diffusion.nan_policy=stop")
     out["after_nan_stop"] = checkpoints.available_steps(nan_run)
+    _sigkill_lane(runner, out)  # in this thread: two lanes of runs at a time are enough for the CPUs
 
 
 def _in_thread(lane, runner: Runner, out: dict) -> threading.Thread:
@@ -255,28 +271,27 @@ def _assert_equal_trees(a, b) -> None:
 def test_sigterm_saves_the_current_step_and_exits_zero(runs):
     code, log = runs["sigterm"]
     assert code == 0, log[-3000:]
-    (stopped,) = runs["after_sigterm"]  # one checkpoint: the step it stopped at
+    stopped = runs["after_sigterm"][-1]
+    assert runs["after_sigterm"] == [*range(EVERY, stopped, EVERY), stopped]  # the step it stopped at is saved
     assert 1 <= stopped < STEPS and runs["rows_after_sigterm"][-1] == stopped
     assert "received SIGTERM" in log and f"stage 2: stopped at step {stopped} of {STEPS} on SIGTERM" in log
 
 
 def test_restart_resumes_from_the_sigterm_checkpoint(runs):
-    (stopped,) = runs["after_sigterm"]
-    assert f"stage 2: resumed from step {stopped} in" in runs["killed"][1]
+    assert f"stage 2: resumed from step {runs['after_sigterm'][-1]} in" in runs["killed"][1]
 
 
 def test_kill_during_a_save_leaves_an_unfinished_checkpoint_that_is_never_restored(runs):
     code, log = runs["killed"]
-    (stopped,) = runs["after_sigterm"]
-    committing = min(STEPS, (stopped // EVERY + 1) * EVERY)  # the first checkpoint step after resuming
+    complete = sorted({*runs["after_sigterm"], *range(EVERY, STEPS, EVERY)})  # the killed run's saves too
     assert code == -signal.SIGKILL, log[-3000:]
-    unfinished = f"{committing}.orbax-checkpoint-tmp"
-    assert runs["listing_after_kill"] == sorted([str(stopped), unfinished])
-    assert runs["markers_after_kill"] == sorted([str(stopped), unfinished])  # whole but for orbax's rename
-    assert runs["rows_after_kill"][-1] >= committing > stopped  # logged past the last complete checkpoint
+    unfinished = f"{STEPS}.orbax-checkpoint-tmp"
+    assert runs["listing_after_kill"] == sorted([*map(str, complete), unfinished])
+    assert runs["markers_after_kill"] == runs["listing_after_kill"]  # all whole but for orbax's rename
+    assert runs["rows_after_kill"] == list(range(1, STEPS))  # the last row is written after its (killed) save
     resumed = runs["resumed"][1]
     assert f"ignoring unfinished checkpoint save(s) ['{unfinished}']" in resumed
-    assert f"stage 2: resumed from step {stopped} in" in resumed
+    assert f"stage 2: resumed from step {complete[-1]} in" in resumed
 
 
 def _rows(workdir: str) -> np.ndarray:
@@ -284,15 +299,35 @@ def _rows(workdir: str) -> np.ndarray:
     return np.asarray([[r["step"], *(r[k] for k in COMPARED)] for r in read_metrics(workdir) if "train/loss" in r])
 
 
+def _assert_same_as_the_reference(root: str, name: str) -> None:
+    """Run ``name`` ended at STEPS with every saved array and logged value equal to the uninterrupted run's."""
+    workdir, reference = os.path.join(root, name), os.path.join(root, "reference")
+    steps = checkpoints.available_steps(workdir)
+    assert steps[-1] == STEPS
+    assert sorted(os.listdir(checkpoints.checkpoint_dir(workdir))) == sorted(map(str, steps))  # no unfinished save
+    _assert_equal_trees(_saved(workdir, STEPS), _saved(reference, STEPS))
+    rows = _rows(workdir)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(1, STEPS + 1))  # each step once: no stale rows left
+    np.testing.assert_array_equal(rows, _rows(reference))  # losses, norms, lr, skip counts (NaN = NaN here)
+
+
 def test_interrupted_run_equals_the_uninterrupted_one(runs):
     code, log = runs["resumed"]
     assert code == 0, log[-3000:]
-    interrupted, reference = (os.path.join(runs["root"], name) for name in ("interrupted", "reference"))
-    assert checkpoints.available_steps(interrupted)[-1] == STEPS
-    _assert_equal_trees(_saved(interrupted, STEPS), _saved(reference, STEPS))
-    rows = _rows(interrupted)
-    np.testing.assert_array_equal(rows[:, 0], np.arange(1, STEPS + 1))  # each step once: no stale rows left
-    np.testing.assert_array_equal(rows, _rows(reference))  # losses, norms, lr, skip counts (NaN = NaN here)
+    _assert_same_as_the_reference(runs["root"], "interrupted")
+
+
+def test_sigkill_at_any_step_then_the_same_command_equals_the_uninterrupted_run(runs):
+    code, log = runs["sigkill"]
+    assert code == -signal.SIGKILL, log[-3000:]
+    assert not runs["after_sigkill"] or runs["after_sigkill"][-1] < STEPS  # killed before the end
+    code, log = runs["sigkill_resumed"]
+    assert code == 0, log[-3000:]
+    if runs["after_sigkill"]:
+        assert f"stage 2: resumed from step {runs['after_sigkill'][-1]} in" in log
+    else:  # killed before the first checkpoint: a fresh start
+        assert "resumed from step" not in log
+    _assert_same_as_the_reference(runs["root"], "sigkilled")
 
 
 def test_broken_images_are_skipped_and_counted_in_the_metrics(runs):
