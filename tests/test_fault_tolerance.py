@@ -170,12 +170,14 @@ class Runner:
 
 
 def _wait_for_logged_step(workdir: str, process: subprocess.Popen) -> None:
-    """Block until ``workdir``'s metrics.jsonl has a training step (or the process ended)."""
+    """Block until ``workdir``'s metrics.jsonl has a training step; AssertionError if the process ends first
+    or none is logged within TIMEOUT seconds (a signal sent then would test nothing)."""
     deadline = time.time() + TIMEOUT
     while process.poll() is None and time.time() < deadline:
         if any("train/loss" in r for r in _records(workdir)):
             return
         time.sleep(0.05)
+    raise AssertionError(f"no training step logged in {workdir} within {TIMEOUT} s (exit status {process.poll()})")
 
 
 def _records(workdir: str) -> list[dict]:
