@@ -167,6 +167,27 @@ class Pipeline:
         single_file.save_single_file(path, states["unet"], states["vae"], states["text_encoder"], configs)
 
 
+def load_vae(path: str, *, attention_impl: str = "auto") -> tuple[AutoencoderKL, Any, float]:
+    """The VAE of a pretrained pipeline: module, params and latent scale factor.
+
+    A diffusers folder has only its ``vae/`` read; a single-file checkpoint is
+    loaded whole (the VAE is one part of the file). ``attention_impl`` picks
+    the attention kernel (``ldm_jax.models.attention``).
+    """
+    if os.path.isfile(path):
+        pipe = Pipeline.from_pretrained(path, attention_impl=attention_impl)
+        return pipe.vae, pipe.params["vae"], pipe.scale_factor
+    folder = os.path.join(path, "vae")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{path} is not a diffusers pipeline folder: it has no vae/ (found "
+                         f"{sorted(os.listdir(path)) if os.path.isdir(path) else 'nothing'})")
+    config = checkpoint_files.read_json(os.path.join(folder, "config.json"))
+    module = AutoencoderKL.from_diffusers_config(config, attention_impl=attention_impl)
+    params = jax.tree.map(jnp.asarray, weights.state_dict_to_params(
+        checkpoint_files.read_state_dict(folder), abstract_params(module, "vae", config), what=f"{path}: vae"))
+    return module, params, scaling_factor(config)
+
+
 def _read_folder(path: str, variant: str | None, overrides: dict[str, dict]) -> tuple[dict, dict]:
     missing = [name for name in COMPONENTS + ("scheduler",) if not os.path.isdir(os.path.join(path, name))]
     if missing:

@@ -183,6 +183,16 @@ def test_deferred_writer_writes_each_record_one_push_late(tmp_path):
                                            {"step": 2, "train/loss": 0.25, "train/lr": 1e-3}]
 
 
+def test_restart_drops_records_past_the_resumed_step_and_a_line_cut_by_a_kill(tmp_path):
+    """metrics.jsonl as a run killed while writing step 5 leaves it; resuming from the checkpoint of step 2."""
+    lines = [json.dumps({"step": step, "train/loss": 1.0 / (step + 1)}) + "\n" for step in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 5, "train/lo')
+    assert MetricWriter(str(tmp_path)).restart_at(2) == 3  # steps 3 and 4, and the cut line
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2]
+    assert MetricWriter(str(tmp_path)).restart_at(0) == 3  # a fresh start keeps nothing
+    assert read_metrics(str(tmp_path)) == []
+
+
 def test_logged_metrics_are_the_values_of_their_steps(chain, tmp_path):
     """The loop fetches metrics one log interval late: a rerun logging every 3 steps writes at steps 3 and 4
     exactly the values the chain (logging every step) wrote there."""

@@ -48,6 +48,8 @@ def test_configs_build_and_lock():
      "data.max_length 77 exceeds the text encoder's text_encoder.max_position_embeddings 16"),
     (dict(stages="autoencoder,difusion"), r"unknown stage\(s\) \['difusion'\]"),
     (dict(diffusion=dict(dtype="float8")), "diffusion.dtype must be float32, bfloat16 or float16, got 'float8'"),
+    (dict(data=dict(source="folder", data_dir="images")),
+     "diffusion.sample_prompts must name the sample grid's prompts for data.source 'folder'"),
     (dict(attention_impl="flash"), "unknown attention_impl 'flash'; choose one of"),
     (dict(diffusion=dict(remat_policy="some")), r"diffusion.remat_policy must be one of \['none', 'full'.*got 'some'"),
 ])

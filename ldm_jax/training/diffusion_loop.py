@@ -89,11 +89,12 @@ def setup(config: Mapping[str, Any], workdir: str) -> tuple[Stage2, dict[str, An
 
 
 def sample_prompts(config: Mapping[str, Any]) -> list[str]:
-    """The grid's prompts: ``diffusion.sample_prompts``, or for ('',) the first test-split captions of ldm_shapes."""
+    """The grid's prompts: ``diffusion.sample_prompts``, or for ('',) the first test-split captions of ldm_shapes.
+
+    ``run_config.validate`` has refused ('',) for other data sources.
+    """
     prompts = list(config["diffusion"]["sample_prompts"])
     if prompts == [""]:
-        if config["data"]["source"] != "shapes":
-            raise ValueError("diffusion.sample_prompts must be set for data other than the built-in shapes")
         prompts = [shapes.example("test", i)["caption"] for i in range(SAMPLES_PER_GRID)]
     return prompts
 
@@ -132,8 +133,8 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
     step_fn = diffusion_state.jit_train_step(stage.task, optimizer, mesh, shardings)
     vae_params = jax.device_put(stage.vae.params, latents.vae_shardings(stage.vae.module, mesh, layout, rules))
     empty = np.asarray(tokenize(stage.tokenizer, [""], stage.max_length), np.int32)
-    prompts = sample_prompts(config)
-    cond = np.asarray(tokenize(stage.tokenizer, prompts, stage.max_length), np.int32)
+    if d["sample_every"] >= 0:  # -1: no sample grids
+        cond = np.asarray(tokenize(stage.tokenizer, sample_prompts(config), stage.max_length), np.int32)
     checkpoints.save_tokenizer(workdir, stage.tokenizer)
     writer = MetricWriter(workdir)
     writer.restart_at(start)

@@ -8,7 +8,7 @@ import jax
 
 from ldm_jax.data import latents
 from ldm_jax.models.vae import AutoencoderKL, scaling_factor
-from ldm_jax.pipeline import abstract_params
+from ldm_jax.pipeline import abstract_params, load_vae
 from ldm_jax.training import checkpoints
 from ldm_jax.training.autoencoder_loop import stage_dir
 
@@ -47,9 +47,8 @@ def load_frozen_vae(config: Mapping[str, Any], workdir: str) -> latents.FrozenVA
         return _from_autoencoder_run(workdir, attention_impl)
     if os.path.isdir(os.path.join(source, "autoencoder")):
         return _from_autoencoder_run(source, attention_impl)
-    from ldm_jax.pipeline import Pipeline
-    pipeline = Pipeline.from_pretrained(source, attention_impl=attention_impl)
-    return latents.frozen_vae(pipeline.vae, pipeline.params["vae"], pipeline.scale_factor, source)
+    module, params, scale = load_vae(source, attention_impl=attention_impl)
+    return latents.frozen_vae(module, params, scale, source)
 
 
 def ensure_latents(config: Mapping[str, Any], workdir: str,

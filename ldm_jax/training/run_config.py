@@ -197,6 +197,12 @@ def validate(config: Mapping[str, Any]) -> None:
         if config[section]["nan_policy"] not in POLICIES:
             raise ValueError(f"{section}.nan_policy must be one of {POLICIES}, got "
                              f"{config[section]['nan_policy']!r}")
+    d = config["diffusion"]
+    if ("diffusion" in stages(config) and d["sample_every"] >= 0 and list(d["sample_prompts"]) == [""]
+            and config["data"]["source"] != "shapes"):
+        raise ValueError(f"diffusion.sample_prompts must name the sample grid's prompts for data.source "
+                         f"{config['data']['source']!r} (only the built-in shapes data has default ones), or set "
+                         "diffusion.sample_every=-1 for no grids")
 
 
 def batch_sizes(config: Mapping[str, Any]) -> dict[str, int]:
