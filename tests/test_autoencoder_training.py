@@ -204,3 +204,29 @@ def test_train_and_encode_latents_commands(shapes_dir, tmp_path):
     typo = subprocess.run([sys.executable, "-m", "ldm_jax.train", *args, "--config.autoencoder.step=3"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert typo.returncode != 0 and 'Did you mean "steps" instead of "step"?' in typo.stderr
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_stage1_non_finite_steps_follow_the_nan_policy(shapes_dir, tmp_path, policy):
+    """A learning rate of 1e30 overflows the VAE after its first update: 'stop' names the step and keeps the
+    finite checkpoint; 'skip' finishes with every bad update counted and never applied."""
+    from ldm_jax.training.nonfinite import NonFiniteError
+
+    workdir = str(tmp_path / policy)
+    config = _config(shapes_dir, stages="autoencoder", autoencoder=dict(
+        steps=4, checkpoint_every=1, disc_start=100, nan_policy=policy,
+        optimizer=dict(learning_rate=1e30, b1=0.5, b2=0.9)))
+    if policy == "stop":
+        with pytest.raises(NonFiniteError, match=r"stage 1: non-finite loss or gradient at step \d+"):
+            run(config, workdir)
+    else:
+        run(config, workdir)
+        skips = [row["train/nonfinite_skips"] for row in read_metrics(autoencoder_loop.stage_dir(workdir))
+                 if "train/nonfinite_skips" in row]
+        assert skips[-1] >= 1
+    folder = autoencoder_loop.stage_dir(workdir)
+    with checkpoints.checkpoint_manager(folder, keep=None, create=False) as manager:
+        latest = manager.latest_step()
+    assert latest is not None and (policy == "stop" or latest == 4)
+    params, _ = _vae_params(workdir, latest)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
