@@ -137,9 +137,8 @@ class Pipeline:
             raise FileNotFoundError(f"no pretrained pipeline at {path}: expected a diffusers folder "
                                     "(unet/, vae/, text_encoder/, scheduler/) or a single-file .safetensors")
         modules = build_modules(configs, dtype, param_dtype, attention_impl=attention_impl)
-        params = {name: jax.tree.map(jnp.asarray, weights.state_dict_to_params(
-            states[name], abstract_params(modules[name], name, configs[name]), what=f"{path}: {name}",
-            dtype=param_dtype)) for name in COMPONENTS}
+        params = {name: _params_from_state(modules[name], name, configs[name], states[name], f"{path}: {name}",
+                                           param_dtype) for name in COMPONENTS}
         return cls(**modules, params=params, configs=configs, tokenizer=tokenizer)
 
     def save_pretrained(self, path: str) -> None:
@@ -183,9 +182,14 @@ def load_vae(path: str, *, attention_impl: str = "auto") -> tuple[AutoencoderKL,
                          f"{sorted(os.listdir(path)) if os.path.isdir(path) else 'nothing'})")
     config = checkpoint_files.read_json(os.path.join(folder, "config.json"))
     module = AutoencoderKL.from_diffusers_config(config, attention_impl=attention_impl)
-    params = jax.tree.map(jnp.asarray, weights.state_dict_to_params(
-        checkpoint_files.read_state_dict(folder), abstract_params(module, "vae", config), what=f"{path}: vae"))
+    params = _params_from_state(module, "vae", config, checkpoint_files.read_state_dict(folder), f"{path}: vae")
     return module, params, scaling_factor(config)
+
+
+def _params_from_state(module, name: str, config: dict, state: dict, what: str, dtype: Any = jnp.float32) -> Any:
+    """Flax params of component ``name`` from its PyTorch-named state dict (``what`` names it in errors)."""
+    return jax.tree.map(jnp.asarray, weights.state_dict_to_params(
+        state, abstract_params(module, name, config), what=what, dtype=dtype))
 
 
 def _read_folder(path: str, variant: str | None, overrides: dict[str, dict]) -> tuple[dict, dict]:
