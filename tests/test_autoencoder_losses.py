@@ -183,6 +183,21 @@ def test_generator_loss_terms_and_gating():
     assert abs(float(after - before)) > 1e-3 * abs(float(before))
 
 
+def test_generator_without_the_adversarial_term_is_the_loss_before_disc_start():
+    """adversarial=False (the train step's branch before disc_start) gives the same loss and VAE gradients
+    as the full loss there, with g_loss and d_weight 0, and never runs the discriminator: it has no params."""
+    s = setup()
+    no_discriminator = {**s.params, "discriminator": None}
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(
+        lambda p: losses.generator_loss(s.config, p, s.batch, s.rng, START - 1, adversarial=False),
+        has_aux=True))(no_discriminator)
+    (full_loss, full_metrics), full_grads = generator(step=START - 1)
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    assert float(metrics["g_loss"]) == float(metrics["d_weight"]) == 0.0 != float(full_metrics["g_loss"])
+    for ours, theirs in zip(jax.tree_util.tree_leaves(grads["vae"]), jax.tree_util.tree_leaves(full_grads["vae"])):
+        assert refs.max_rel_error(ours, theirs) <= 1e-5
+
+
 def test_generator_gradients_reach_the_vae_only():
     (_, metrics), grads = generator()
     for name in ("discriminator", "lpips"):

@@ -79,8 +79,11 @@ def test_stage1_trains_and_checkpoints(trained):
     train = [r for r in records if "train/total_loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
     assert all(np.isfinite(r["train/total_loss"]) for r in train)
-    # The discriminator trains from disc_start = 2 on: zero loss before, a real hinge loss after.
+    # The discriminator trains from disc_start = 2 on: zero loss before, a real hinge loss after; the
+    # autoencoder's adversarial term is left out before it (g_loss and its weight 0) and joins from it.
     assert train[0]["train/disc_loss"] == 0.0 and train[2]["train/disc_loss"] > 0.0
+    assert train[0]["train/g_loss"] == train[0]["train/d_weight"] == 0.0
+    assert train[2]["train/g_loss"] != 0.0 and train[2]["train/d_weight"] > 0.0
     assert train[2]["train/disc_factor"] == 1.0
     tests = [r for r in records if "test/eval_psnr" in r]
     assert [r["step"] for r in tests] == [3] and 0.0 < tests[0]["test/eval_psnr"] < 60.0

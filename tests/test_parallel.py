@@ -242,7 +242,7 @@ def test_stage1_step_runs_sharded_like_one_device():
     batch = {"image": _images(8)}
     results = []
     for m, s, st in ((mesh, shardings, state), (single, single_shardings, copy)):
-        step = autoencoder_loop.jit_train_step(loss_cfg, optimizers, m, s)
+        step = autoencoder_loop.jit_train_step(loss_cfg, optimizers, m, s, adversarial=True)
         new, metrics = step(st, parallel.shard_batch(batch, m), None, jax.random.key(1))
         results.append((jax.tree.map(np.asarray, new.params), {k: float(v) for k, v in metrics.items()}))
     (sharded, m1), (ref, m2) = results

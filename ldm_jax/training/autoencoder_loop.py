@@ -86,11 +86,12 @@ def evaluate(config: Mapping[str, Any], vae_params: Any, mesh: jax.sharding.Mesh
 
 
 def jit_train_step(loss_cfg: AutoencoderLossConfig, optimizers: Mapping[str, Any], mesh: jax.sharding.Mesh,
-                   shardings: Any) -> Any:
-    """``step(state, batch, lpips_params, rng) -> (state, metrics)``: the stage-1 step jitted with the state's
-    shardings, the batch split over the batch axes, LPIPS params and metrics replicated, the state donated."""
+                   shardings: Any, adversarial: bool) -> Any:
+    """``step(state, batch, lpips_params, rng) -> (state, metrics)``: the stage-1 step (before ``disc_start``
+    or from it on, per ``adversarial``) jitted with the state's shardings, the batch split over the batch axes,
+    LPIPS params and metrics replicated, the state donated."""
     replicated = parallel.replicated(mesh)
-    return jax.jit(functools.partial(ae_step.train_step, loss_cfg, optimizers),
+    return jax.jit(functools.partial(ae_step.train_step, loss_cfg, optimizers, adversarial=adversarial),
                    in_shardings=(shardings, parallel.batch_sharding(mesh), replicated, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
@@ -137,7 +138,8 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest
 
     replicated = parallel.replicated(mesh)
     batch_sharding = parallel.batch_sharding(mesh)
-    train = jit_train_step(loss_cfg, optimizers, mesh, shardings)
+    train = {adversarial: jit_train_step(loss_cfg, optimizers, mesh, shardings, adversarial)  # compiled when first used
+             for adversarial in (False, True)}
     eval_fn = jax.jit(functools.partial(ae_step.eval_step, loss_cfg),
                       in_shardings=(shardings.params["vae"], batch_sharding), out_shardings=batch_sharding)
     std_fn = jax.jit(functools.partial(ae_step.latent_std, loss_cfg.vae), out_shardings=replicated)
@@ -166,7 +168,7 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest
     try:
         for step in range(start, ae["steps"]):
             batch = parallel.shard_batch({"image": next(iterator)["image"]}, mesh)
-            state, metrics = train(state, batch, lpips_params, step_rng)
+            state, metrics = train[step >= ae["disc_start"]](state, batch, lpips_params, step_rng)
             done = step + 1
             tracker.update(metrics.pop("nonfinite"), done)
             last = done == ae["steps"]

@@ -149,27 +149,31 @@ def _discriminate(config: AutoencoderLossConfig, disc_params: Params, images: ja
 
 
 def generator_loss(config: AutoencoderLossConfig, params: Params, batch: Mapping[str, jax.Array],
-                   rng: jax.Array, step: jax.Array | int) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   rng: jax.Array, step: jax.Array | int,
+                   adversarial: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The autoencoder's loss ``nll + kl_weight * kl + lambda * f(step) * g`` and its metrics.
 
     Differentiate it with respect to ``params['vae']``; discriminator and LPIPS
     params get no gradient. ``rng`` draws the posterior sample. Metrics
     (float32 scalars): total_loss, nll_loss, l1_loss, p_loss, kl_loss,
-    g_loss, d_weight (lambda), disc_factor.
+    g_loss, d_weight (lambda), disc_factor. ``adversarial=False`` (static)
+    leaves the discriminator out: the loss of a step before ``disc_start``
+    (where ``f(step)`` is 0) without its cost, with g_loss and d_weight 0.
     """
     images = batch["image"]
     reconstructions, posterior, last_layer_grad = reconstruct(config, params["vae"], images, rng)
     disc_params = jax.lax.stop_gradient(params["discriminator"])
     lpips_params = params.get("lpips")
     nll, parts = nll_loss(config, lpips_params, images, reconstructions)
-    g_loss = generator_adversarial_loss(_discriminate(config, disc_params, reconstructions))
-    if config.disc_factor > 0:
+    zero = jnp.zeros((), jnp.float32)
+    g_loss = generator_adversarial_loss(_discriminate(config, disc_params, reconstructions)) if adversarial else zero
+    if adversarial and config.disc_factor > 0:
         fixed = jax.lax.stop_gradient(reconstructions)
         nll_cotangent = jax.grad(lambda r: nll_loss(config, lpips_params, images, r)[0])(fixed)
         g_cotangent = jax.grad(lambda r: generator_adversarial_loss(_discriminate(config, disc_params, r)))(fixed)
         d_weight = config.disc_weight * adaptive_weight(last_layer_grad(nll_cotangent), last_layer_grad(g_cotangent))
     else:
-        d_weight = jnp.zeros((), jnp.float32)
+        d_weight = zero
     factor = disc_factor(config, step)
     kl = kl_loss(posterior)
     total = nll + config.kl_weight * kl + d_weight * factor * g_loss

@@ -32,12 +32,18 @@ def init_state(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[st
 
 def train_step(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[str, optax.GradientTransformation],
                state: TrainState, batch: Mapping[str, jax.Array], lpips_params: Any,
-               rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+               rng: jax.Array, adversarial: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update of the autoencoder and then of the discriminator; returns the new state and float32 metrics.
 
-    Before ``disc_start`` the discriminator's loss is zero, so its update is
-    skipped (``lax.cond``) rather than computed: its metrics read 0 there and
-    its Adam step count starts at ``disc_start``. ``lpips_params`` is None when the perceptual term is off.
+    ``adversarial`` (static) is whether the step is at or after
+    ``disc_start``: the loop compiles one step for each side and picks on
+    the host. Before ``disc_start`` the adversarial terms are weighted zero,
+    so the step leaves the discriminator out rather than computing them:
+    the autoencoder's loss is L1 (+ LPIPS) + KL with g_loss and d_weight 0,
+    the discriminator is not updated (its metrics read 0) and its Adam step
+    count starts at ``disc_start``. (Deciding inside the step with ``lax.cond``
+    cost XLA:CPU 1.9x the time of a GAN step of configs/base.py's VAE.)
+    ``lpips_params`` is None when the perceptual term is off.
     When a loss or gradient is NaN or Inf, both models keep their params and
     optimizer states (metric ``nonfinite`` is 1; see ``ldm_jax.training.nonfinite``).
     """
@@ -46,7 +52,7 @@ def train_step(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[st
 
     def generator(vae_params):
         return losses.generator_loss(loss_config, {**params, "vae": vae_params, "lpips": lpips_params},
-                                     batch, gen_rng, state.step)
+                                     batch, gen_rng, state.step, adversarial=adversarial)
 
     (_, gen_metrics), vae_grads = jax.value_and_grad(generator, has_aux=True)(params["vae"])
     updates, vae_opt = optimizers["vae"].update(vae_grads, state.opt_state["vae"], params["vae"])
@@ -65,8 +71,7 @@ def train_step(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[st
         _, _, metrics = jax.eval_shape(update_discriminator, disc_params, disc_opt)
         return disc_params, disc_opt, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
 
-    params["discriminator"], disc_opt, disc_metrics = jax.lax.cond(
-        state.step >= loss_config.disc_start, update_discriminator, skip_discriminator,
+    params["discriminator"], disc_opt, disc_metrics = (update_discriminator if adversarial else skip_discriminator)(
         params["discriminator"], state.opt_state["discriminator"])
     vae_grad_norm = global_norm(vae_grads)
     finite = is_finite(gen_metrics["total_loss"], vae_grad_norm, disc_metrics["disc_loss"],
