@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models import convolution
 from ldm_jax.models.attention import attention
 
 Dtype = Any
@@ -50,12 +51,13 @@ def remat(module_class: type[nn.Module], policy: str, static_argnums: tuple[int,
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding=None,
          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, use_bias: bool = True,
          kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.Conv:
-    """A 2D convolution with torch-style symmetric padding (kernel // 2 unless given)."""
+    """A 2D convolution with torch-style symmetric padding (kernel // 2 unless given); its kernel gradient is
+    ``ldm_jax.models.convolution``'s (fast on XLA:CPU)."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=use_bias,
-        dtype=dtype, param_dtype=param_dtype, name=name,
+        dtype=dtype, param_dtype=param_dtype, name=name, conv_general_dilated=convolution.conv_general_dilated,
         kernel_init=nn.with_logical_partitioning(kernel_init, CONV_AXES),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
 
