@@ -138,7 +138,6 @@ def host_random_params(module, inputs: tuple, seed: int) -> Any:
 def jax_worker(args) -> None:
     """Measure ldm_jax (train, sample latency, sample throughput) into ``args.out``."""
     import jax
-    import jax.numpy as jnp
 
     configs, spec = model_configs(args.config), SPECS[args.config]
     impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
