@@ -6,7 +6,8 @@ Generates one image for each of the first ``--count`` test-split captions
 (half of them name colour-shape pairs that never occur in training), reads
 colour, shape, size and position back with
 ``ldm_jax.evaluation.shapes_checker`` and reports the fraction right per
-attribute, for all prompts and for the held-out pairs alone. As a floor it
+attribute, for all prompts, for the held-out pairs alone and for each shape
+size. As a floor it
 scores unconditional samples (guidance 1.0, empty prompts, same seeds)
 against the same captions; as ceilings, the checker on the real test images
 and on their reconstructions by the checkpoint's VAE (posterior mean, encoded
@@ -63,12 +64,21 @@ def reconstruct(pipe, images: np.ndarray, batch: int) -> np.ndarray:
     return np.round(np.clip((np.concatenate(out) + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+# Subsets of the prompts scored besides all of them: the held-out colour-shape pairs, and each shape size (small
+# shapes are a few latent pixels wide; they are where the shape is lost first).
+SUBSETS = {"held_out": lambda target: target["held_out"],
+           **{size: (lambda target, size=size: target["size"] == size) for size in shapes.SIZES}}
+
+
 def score(images: np.ndarray, targets: list[dict]) -> dict[str, dict[str, float]]:
-    """Accuracy per attribute on all images and on the held-out colour-shape pairs."""
+    """Accuracy per attribute on all images and on each of :data:`SUBSETS` that has images."""
     predictions = shapes_checker.classify_batch(images)
-    held = [i for i, t in enumerate(targets) if t["held_out"]]
-    return {"all": shapes_checker.accuracy(predictions, targets),
-            "held_out": shapes_checker.accuracy([predictions[i] for i in held], [targets[i] for i in held])}
+    report = {"all": shapes_checker.accuracy(predictions, targets)}
+    for name, member in SUBSETS.items():
+        chosen = [i for i, target in enumerate(targets) if member(target)]
+        if chosen:
+            report[name] = shapes_checker.accuracy([predictions[i] for i in chosen], [targets[i] for i in chosen])
+    return report
 
 
 def evaluate(workdir: str, step: int | None = None) -> dict:
@@ -92,8 +102,7 @@ def print_table(report: dict) -> None:
     columns = (*shapes_checker.ATTRIBUTES, "all")
     print(f"{'images (step ' + str(report['step']) + ')':34s}" + "".join(f"{c:>10s}" for c in columns))
     for name in ("conditional", "unconditional", "real_images", "vae_reconstructions"):
-        for subset in ("all", "held_out"):
-            row = report[name][subset]
+        for subset, row in report[name].items():
             print(f"{name + ' / ' + subset:34s}" + "".join(f"{100 * row[c]:9.1f}%" for c in columns))
 
 

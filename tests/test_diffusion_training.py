@@ -128,9 +128,11 @@ def test_evaluate_scores_samples_floor_and_ceilings(chain):
     with open(os.path.join(workdir, "eval_step_4.json")) as f:
         report = json.load(f)
     assert report["count"] == 4 and report["step"] == 4
+    sizes = {shapes.example("test", i)["size"] for i in range(4)}  # the subsets: sizes that occur, held-out pairs
     for name in ("conditional", "unconditional", "real_images", "vae_reconstructions"):
         assert name in done.stdout
-        for subset in ("all", "held_out"):
+        assert set(report[name]) == {"all", "held_out", *sizes}
+        for subset in report[name]:
             assert all(0.0 <= v <= 1.0 for v in report[name][subset].values())
     assert report["real_images"]["all"]["all"] == 1.0  # the checker reads these four test images right
     # A 2-step VAE reconstructs nothing recognisable: far below the real images.
