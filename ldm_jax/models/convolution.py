@@ -44,7 +44,7 @@ def _lax_conv(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...]) 
 
 def kernel_grad_by_taps(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int]) -> jax.Array:
     """The kernel gradient [kh, kw, C_in, C_out] of a stride-1 'same' NHWC convolution of ``x`` whose output
-    has the cotangent ``dy``: one matmul per tap, accumulated in float32 and returned in ``x``'s dtype."""
+    has the cotangent ``dy``: one matmul per tap, accumulated and returned in float32."""
     kh, kw = kernel_shape[:2]
     _, height, width, c_in = x.shape
     c_out = dy.shape[-1]
@@ -55,7 +55,7 @@ def kernel_grad_by_taps(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int]
                        padded[:, kh - 1 - i:kh - 1 - i + height, kw - 1 - j:kw - 1 - j + width].reshape(-1, c_out),
                        preferred_element_type=jnp.float32)
             for i in range(kh) for j in range(kw)]
-    return jnp.stack(taps).reshape(kh, kw, c_in, c_out).astype(x.dtype)
+    return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

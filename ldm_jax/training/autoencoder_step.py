@@ -32,7 +32,7 @@ def init_state(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[st
 
 def train_step(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[str, optax.GradientTransformation],
                state: TrainState, batch: Mapping[str, jax.Array], lpips_params: Any,
-               rng: jax.Array, adversarial: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+               rng: jax.Array, *, adversarial: bool) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update of the autoencoder and then of the discriminator; returns the new state and float32 metrics.
 
     ``adversarial`` (static) is whether the step is at or after
