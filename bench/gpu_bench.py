@@ -10,7 +10,7 @@ Measured, side by side:
   frozen CLIP, U-Net forward and backward, AdamW with clipping, EMA) at batch
   16 on 64x64x4 latents; diffusers' equivalent step (train_text_to_image.py's
   recipe). Step time, images/s, compile time, peak memory, the model's FLOPs
-  (XLA's count of the step lowered with plain-XLA attention and no remat)
+  (``jaxpr_flops`` of the step traced with plain-XLA attention, no remat)
   and MFU against the device's peak bf16 FLOP/s (``bench/hardware.py``).
 * **sample**: text to one 512x512 image, 50 DDIM steps, guidance 7.5
   (latency), and a batch of 8 (images/s); ``sample_fn`` vs diffusers'
@@ -41,7 +41,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from bench.hardware import lowered_flops, peak_flops, utilization
+from bench.hardware import jaxpr_flops, peak_flops, utilization
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDANCE = 7.5
@@ -146,11 +146,9 @@ def jax_worker(args) -> None:
                   jax_version=jax.__version__, backend=jax.default_backend(), device_kind=device.device_kind,
                   attention_impl=impl, remat_policy=args.remat_policy, compute_dtype="bfloat16",
                   param_dtype="float32")
-    lower_for_flops = []  # jax_train leaves here how to lower its step for the FLOP count, done last
-    parts.run("train", lambda: jax_train(configs, spec, impl, args.remat_policy, lower_for_flops))
+    parts.run("train", lambda: jax_train(configs, spec, impl, args.remat_policy))
     for name, batch in (("sample_latency", 1), ("sample_throughput", spec["sample_batch"])):
         parts.run(name, lambda: jax_sample(configs, impl, batch, spec["sample_repeats"]))
-    parts.run("train_flops", lambda: jax_train_flops(lower_for_flops, parts.record["train"]))
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -168,9 +166,12 @@ def _device_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str, lower_for_flops: list) -> dict:
-    """Compile and time ldm_jax's stage-2 train step; its memory. Appends to ``lower_for_flops`` a function
-    that lowers the same step for :func:`jax_train_flops` (a second compile on GPUs: run after the timings)."""
+def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str) -> dict:
+    """Compile and time ldm_jax's stage-2 train step; its memory, model FLOPs and MFU.
+
+    The FLOPs are ``jaxpr_flops`` of the same step traced with plain-XLA
+    attention and no remat (a cuDNN attention kernel is opaque to the count;
+    remat would add recomputation)."""
     import functools
 
     import jax
@@ -213,9 +214,8 @@ def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str, lower_for
     lowered = jax.jit(functools.partial(train_step, task, optimizer), donate_argnums=0).lower(
         state, batch, frozen, step_rng)
     compile_s, compiled = timed(lowered.compile)
-    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    lower_for_flops.append(lambda: jax.jit(functools.partial(train_step, task_for("xla", "none"), optimizer)).lower(
-        abstract_state, batch, frozen, step_rng))
+    flops = jaxpr_flops(jax.make_jaxpr(functools.partial(train_step, task_for("xla", "none"), optimizer))(
+        state, batch, frozen, step_rng))
 
     def steps(n: int) -> None:
         nonlocal state
@@ -232,16 +232,8 @@ def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str, lower_for
     peak = peak_flops(jax.devices()[0].device_kind)
     return dict(batch=batch_size, latent_shape=list(shape[1:]), compile_s=compile_s, first_step_s=first_s,
                 step_s=step_s, round_step_s=rounds, images_per_s=batch_size / step_s, peak_flops=peak,
+                model_flops_per_step=flops, **utilization(flops, step_s, peak),
                 device_peak_bytes=_device_peak_bytes(), **_memory(compiled))
-
-
-def jax_train_flops(lower_for_flops: list, train: dict) -> dict:
-    """The model FLOPs of the timed train step (XLA's count with plain-XLA attention, no remat), its FLOP rate
-    and MFU against ``train``'s step time and peak."""
-    if not lower_for_flops or "step_s" not in train:
-        raise ValueError(f"no timed train step to count the FLOPs of (train: {train})")
-    flops = lowered_flops(lower_for_flops[0]())
-    return dict(model_flops_per_step=flops, **utilization(flops, train["step_s"], train["peak_flops"]))
 
 
 def jax_sample(configs: dict, impl: str, batch: int, repeats: int) -> dict:
@@ -455,7 +447,7 @@ def summary(record: dict) -> str:
     """The side-by-side table of a finished record (diffusers' FLOP rate and MFU use ldm_jax's FLOP count: same
     network, same batch)."""
     ours, theirs, ratio = record["ldm_jax"], record["diffusers"], record["speedup"]
-    flops, peak = _get(ours, "train_flops", "model_flops_per_step"), _get(ours, "train", "peak_flops")
+    flops, peak = _get(ours, "train", "model_flops_per_step"), _get(ours, "train", "peak_flops")
     rate = lambda side: flops / _get(side, "train", "step_s") if flops and _get(side, "train", "step_s") else None
     per = lambda value, unit: value / unit if value and unit else None
     rows = [
@@ -483,7 +475,7 @@ def summary(record: dict) -> str:
     for label, a, b, r, spec in rows:
         lines.append(f"{label:28} {fmt(a, spec):>10} {fmt(b, spec):>10} {fmt(r, '.2f') + ('x' if r else ''):>8}")
     for name, side in (("ldm_jax", ours), ("diffusers", theirs)):
-        for part in ("train", "sample_latency", "sample_throughput", "train_flops"):
+        for part in ("train", "sample_latency", "sample_throughput"):
             problem = side.get(part, {}).get("error") or side.get(part, {}).get("skipped")
             if problem:
                 lines.append(f"{name} {part}: {problem}")

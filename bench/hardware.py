@@ -1,8 +1,10 @@
-"""The hardware limit: peak dense bfloat16 FLOP/s per accelerator, and the FLOP rate and MFU of a measured step.
+"""The hardware limit: peak dense bfloat16 FLOP/s per accelerator, a program's model FLOPs, and the FLOP rate and
+MFU of a measured step.
 
 No torch, no JAX at import: the benchmarks' workers of either framework use it.
 """
 
+import math
 from typing import Any
 
 # (a substring of JAX's ``device_kind``, peak dense bfloat16 FLOP/s from the vendor's data sheet); the first
@@ -25,21 +27,43 @@ def peak_flops(device_kind: str) -> float | None:
     return next((peak for name, peak in PEAK_BF16_FLOPS if name.lower() in device_kind.lower()), None)
 
 
-def lowered_flops(lowered: Any) -> float:
-    """FLOPs of a lowered (not yet optimized) JAX program, from XLA's cost analysis.
+def jaxpr_flops(jaxpr: Any) -> float:
+    """Model FLOPs of a (closed) jaxpr: 2 x the multiply-adds of its matmuls and convolutions.
 
-    Counted before XLA fuses or rewrites anything, so with a plain-XLA
-    attention and no rematerialization this is the model's FLOP count; a
-    compiled program's count can miss custom calls (cuDNN kernels) and adds
-    recomputation. Where the backend does not analyse lowered programs (the
-    GPU backend of jax 0.11 returns None), the compiled program's count.
+    Counted from shapes alone, so it is the same on every backend (a GPU
+    program's cost analysis misses its cuBLAS and cuDNN custom calls) and
+    needs no compile: trace the step with ``jax.make_jaxpr`` and a plain
+    attention (a fused kernel is an opaque primitive here). Nested jaxprs
+    (jit, remat, custom derivatives) are counted once, ``scan`` bodies
+    ``length`` times, the costliest branch of a ``cond``; a ``while`` body
+    once (its trip count is not static). Elementwise work is not counted.
     """
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of one dict on older jax
-    if not cost or "flops" not in cost:
-        cost = lowered.compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
+    return sum(_equation_flops(eqn) for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns)
+
+
+def _equation_flops(eqn: Any) -> float:
+    """FLOPs of one jaxpr equation (see :func:`jaxpr_flops`)."""
+    name = eqn.primitive.name
+    if name == "dot_general":
+        (contracting, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+    if name == "conv_general_dilated":
+        kernel = eqn.invars[1].aval.shape
+        out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel) / out_features
+    total = 0.0
+    for value in eqn.params.values():
+        if _is_jaxpr(value):
+            total += jaxpr_flops(value)
+        elif isinstance(value, (tuple, list)) and value and all(_is_jaxpr(v) for v in value):
+            total += max(jaxpr_flops(v) for v in value)  # cond branches: one runs
+    return total * eqn.params.get("length", 1) if name == "scan" else total
+
+
+def _is_jaxpr(value: Any) -> bool:
+    """Whether ``value`` is a Jaxpr or ClosedJaxpr."""
+    return hasattr(getattr(value, "jaxpr", value), "eqns")
 
 
 def utilization(flops: float, seconds: float, peak: float | None) -> dict[str, float | None]:

@@ -28,8 +28,9 @@ float32. In one process:
    machine's available memory is compiled but not run (its times are null):
    the pixel step needs about 1.5 GiB per image (47 GiB at batch 32).
 
-Both parts report the FLOP rate each step achieves (the model's FLOPs, XLA's
-count of the step as lowered, over the step time) and, when the peak FLOP/s is
+Both parts report the FLOP rate each step achieves (the model's FLOPs: its
+matmuls' and convolutions' multiply-adds counted from the traced step by
+``bench/hardware.py``'s ``jaxpr_flops``, over the step time) and, when the peak FLOP/s is
 known (``--peak-flops``, or the bfloat16 peak of a known accelerator from
 ``bench/hardware.py``; a CPU's is unknown), the model FLOPs utilization.
 
@@ -54,7 +55,7 @@ import optax
 import torch
 import torch.nn.functional as F
 
-from bench.hardware import lowered_flops, peak_flops, utilization
+from bench.hardware import jaxpr_flops, peak_flops, utilization
 from bench.sample_bench import load_average, machine, timed
 from configs import base as base_config
 from configs import sd15
@@ -117,14 +118,14 @@ def jax_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) -> t
     optimizer = make_optimizer(OPTIMIZER, 1000)
     state = [(params, optimizer.init(params), jax.random.key(1))]
     inputs = (jnp.asarray(x0), jnp.asarray(context))
-    lowered = make_jax_step(unet, optimizer).lower(state[0], *inputs)
-    compile_s, compiled = timed(lowered.compile)
+    traced = make_jax_step(unet, optimizer).trace(state[0], *inputs)
+    compile_s, compiled = timed(traced.lower().compile)
 
     def call():
         state[0], loss = compiled(state[0], *inputs)
         return jax.block_until_ready(loss)
 
-    return dict(compile_s=compile_s, model_flops=lowered_flops(lowered), **xla_costs(compiled)), call
+    return dict(compile_s=compile_s, model_flops=jaxpr_flops(traced.jaxpr), **xla_costs(compiled)), call
 
 
 def torch_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) -> Callable:

@@ -69,8 +69,9 @@ def _same_conv_fwd(x, w, padding):
 
 def _same_conv_bwd(padding, residuals, dy):
     x, w = residuals
-    dx = jax.vjp(lambda x: _lax_conv(x, w, padding), x)[1](dy)[0]
-    lax_dw = lambda x, dy: jax.vjp(lambda w: _lax_conv(x, w, padding), w)[1](dy)[0]
+    # Transposes of the linear maps, not jax.vjp: a vjp would also trace a (dead) forward convolution.
+    dx = jax.linear_transpose(lambda x: _lax_conv(x, w, padding), x)(dy)[0]
+    lax_dw = lambda x, dy: jax.linear_transpose(lambda w: _lax_conv(x, w, padding), w)(dy)[0]
     taps_dw = lambda x, dy: kernel_grad_by_taps(x, dy, w.shape).astype(w.dtype)
     return dx, lax.platform_dependent(x, dy, cpu=taps_dw, default=lax_dw)
 
