@@ -72,13 +72,47 @@ def dense(features: int, name: str, axes: tuple[str | None, str | None] = ("embe
 
 
 def group_norm(groups: int, epsilon: float, name: str, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+               param_dtype: Dtype = jnp.float32) -> "GroupNorm":
     """GroupNorm with exact (two-pass) variance, as torch computes it."""
-    return nn.GroupNorm(
-        num_groups=groups, epsilon=epsilon, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
-        name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+    return GroupNorm(groups, epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over the last (channel) axis: exact two-pass variance as in torch, statistics in float32.
+
+    Parameters ``scale`` and ``bias`` as flax's ``nn.GroupNorm``. Each
+    statistic is reduced over the spatial axes per channel first, then over
+    each group's channels: XLA:CPU runs that 1.1-1.6x faster (forward and
+    backward) than flax's single reduction over (spatial, channels of a
+    group), and the float32 sums are more accurate (README "Results").
+    """
+
+    groups: int
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalize ``x`` [B, ..., C] per example and group; then scale and shift per channel."""
+        channels = x.shape[-1]
+        if channels % self.groups:
+            raise ValueError(f"GroupNorm {self.name!r}: {channels} channels do not split into {self.groups} groups")
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (channels,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                          (channels,), self.param_dtype)
+        spatial, per_group = tuple(range(1, x.ndim - 1)), channels // self.groups
+
+        def group_mean(values: jax.Array) -> jax.Array:
+            """Each channel's group mean of ``values``, shaped to broadcast against ``x``."""
+            per_channel = values.mean(spatial).reshape(x.shape[0], self.groups, per_group)
+            return jnp.repeat(per_channel.mean(-1), per_group, axis=-1).reshape(
+                x.shape[:1] + (1,) * len(spatial) + (channels,))
+
+        centered = x.astype(jnp.float32) - group_mean(x.astype(jnp.float32))
+        normalized = centered * jax.lax.rsqrt(group_mean(jnp.square(centered)) + self.epsilon)
+        return (normalized * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 def layer_norm(epsilon: float, name: str, *, dtype: Dtype = jnp.float32,
