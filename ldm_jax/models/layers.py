@@ -110,7 +110,8 @@ class GroupNorm(nn.Module):
             return jnp.repeat(per_channel.mean(-1), per_group, axis=-1).reshape(
                 x.shape[:1] + (1,) * len(spatial) + (channels,))
 
-        centered = x.astype(jnp.float32) - group_mean(x.astype(jnp.float32))
+        x32 = x.astype(jnp.float32)
+        centered = x32 - group_mean(x32)
         normalized = centered * jax.lax.rsqrt(group_mean(jnp.square(centered)) + self.epsilon)
         return (normalized * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
