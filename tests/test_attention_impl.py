@@ -7,7 +7,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from configs import tiny
-from ldm_jax.models.attention import attention, einsum_attention, pallas_tpu_attention
+from ldm_jax.models.attention import attention, einsum_attention, padded_keys_attention, pallas_tpu_attention
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import build_modules, init_inputs
 
@@ -92,6 +92,41 @@ def test_runtime_fields_stay_out_of_the_diffusers_config():
         UNet2DConditionModel.from_diffusers_config({**config, "attention_impl": "xla"})
     with pytest.raises(ValueError, match="unknown attention_impl 'fast'"):
         UNet2DConditionModel.from_diffusers_config(config, attention_impl="fast")
+
+
+def _heads_last(x, heads):
+    return jnp.asarray(x).reshape(x.shape[0], x.shape[1], heads, -1)
+
+
+def test_padded_keys_give_the_unpadded_values_and_gradients():
+    """7 keys padded to 8 (and 77 to 80, SD's text length): the padding gets no weight and no gradient."""
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    for tk in (7, 77):
+        q, k, v = (_heads_last(x, 2) for x in _qkv(2, 16, tk, 2, 8))
+        padded = lambda q, k, v: padded_keys_attention(q, k, v, 8, implementation="xla")
+        value, grads = jax.value_and_grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
+        plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        expected_value, expected = jax.value_and_grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+        np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-6)
+        for got, want in zip(grads, expected):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs on NVIDIA GPUs only")
+@pytest.mark.parametrize("tk", [4096, 77])
+def test_cudnn_matches_xla_on_gpu(tk):
+    """SD 1.5's first-level self-attention (4096 keys) and cross-attention (77 text tokens, padded for cuDNN):
+    bfloat16 values and gradients of the cuDNN kernel against XLA's, as training runs them."""
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(2, 4096, tk, 8, 40))
+    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, 8, impl=impl).astype(jnp.float32)))
+    value, grads = jax.jit(jax.value_and_grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
+    expected_value, expected = jax.jit(jax.value_and_grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(float(value), float(expected_value), rtol=2e-2)
+    for got, want in zip(grads, expected):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max() + 1e-3
 
 
 # The Pallas TPU kernel, run by its interpreter on the CPU.

@@ -13,10 +13,13 @@ top-level ``attention_impl``) picks the kernel:
 ``cudnn``     cuDNN's fused flash attention (NVIDIA GPUs only):
               ``jax.nn.dot_product_attention(implementation='cudnn')`` for
               the calls cuDNN takes (bfloat16 / float16 inputs, head width a
-              multiple of 8 up to 128, 256 on Hopper or later, even
-              sequence lengths); the others (float32 ``upcast_attention``,
-              the VAE's single 512-wide head, cross-attention to 77 tokens)
-              run XLA's implementation
+              multiple of 8 up to 128, 256 on Hopper or later, an even
+              query length); keys unmasked by ``mask`` and ``is_causal``
+              whose number is not a multiple of 8 (SD's 77 text tokens) are
+              zero-padded to one and masked out by their length; the others
+              (float32 ``upcast_attention``, the VAE's single 512-wide head,
+              masked or causal attention over an odd number of keys) run
+              XLA's implementation
 ``einsum``    two heads-first batched matmuls around a float32 softmax (the
               fastest layout on XLA:CPU)
 ``pallas_tpu`` the Pallas flash-attention kernel for TPUs
@@ -38,6 +41,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "pallas_tpu")
 # The backend each implementation needs (None: any).
 _BACKENDS = {"auto": None, "xla": None, "einsum": None, "cudnn": "gpu", "pallas_tpu": "tpu"}
 _TPU_BLOCK = 128  # the Pallas TPU kernel's tile: keys (and long query sequences) are padded to a multiple of it
+_CUDNN_KEYS = 8  # cuDNN's unmasked keys are padded to a multiple of this many (its training kernels refuse odd counts)
 
 
 def check_attention_impl(impl: str) -> None:
@@ -70,7 +74,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Ar
     q, k, v = split(q), split(k), split(v)
     if impl == "auto" and jax.default_backend() == "cpu":
         impl = "einsum"
-    if impl == "cudnn" and not _cudnn_supports(q, k):
+    if impl == "cudnn" and not _cudnn_supports(q, k, padded_keys=mask is None and not is_causal):
         impl = "xla"
     if impl == "einsum":
         out = einsum_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), mask, is_causal)
@@ -78,20 +82,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Ar
     if impl == "pallas_tpu":
         out = pallas_tpu_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), mask, is_causal)
         return out.transpose(0, 2, 1, 3).reshape(b, tq, d)
+    if impl == "cudnn" and mask is None and not is_causal:
+        return padded_keys_attention(q, k, v, _CUDNN_KEYS, implementation="cudnn").reshape(b, tq, d)
     implementation = impl if impl in ("xla", "cudnn") else None  # None ('auto' off CPU): jax chooses
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                         implementation=implementation).reshape(b, tq, d)
 
 
-def _cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
+def padded_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array, multiple: int,
+                          implementation: str = "cudnn") -> jax.Array:
+    """Unmasked attention on heads-last q [B, Tq, N, H], k / v [B, Tk, N, H], with the keys and values
+    zero-padded to a multiple of ``multiple`` and the padding masked out by the keys' length.
+
+    The output is the unpadded attention's; padded keys get no weight and
+    their rows no gradient. It lets cuDNN's fused kernel take SD's
+    cross-attention to 77 text tokens, which XLA's implementation runs with
+    its scores materialised.
+    """
+    batch, keys = k.shape[:2]
+    pad = -keys % multiple
+    if not pad:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    return jax.nn.dot_product_attention(q, jnp.pad(k, widths), jnp.pad(v, widths), implementation=implementation,
+                                        key_value_seq_lengths=jnp.full((batch,), keys, jnp.int32))
+
+
+def _cudnn_supports(q: jax.Array, k: jax.Array, padded_keys: bool) -> bool:
     """Whether cuDNN's flash attention takes heads-last ``q`` [B, Tq, N, H], ``k`` [B, Tk, N, H].
 
     Dtype, head width, and even sequence lengths: JAX refuses cuDNN's
     training kernels for an odd length ("Unsupported sequence length Q 4096,
-    KV 77" on an H200 for SD's cross-attention to 77 tokens), so 77-token
-    attention runs XLA's.
+    KV 77" on an H200 for SD's cross-attention to 77 tokens). With
+    ``padded_keys`` (unmasked attention, whose keys :func:`padded_keys_attention`
+    pads) any number of keys will do.
     """
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] % 2 or k.shape[1] % 2:
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[1] % 2 or (k.shape[1] % 2 and not padded_keys):
         return False
     capability = getattr(jax.devices()[0], "compute_capability", "0.0")
     widest = 256 if tuple(int(x) for x in capability.split(".")[:2]) >= (9, 0) else 128
