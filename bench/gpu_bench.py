@@ -25,7 +25,8 @@ and says so. Run from the repository root::
   python -m bench.gpu_bench --config tiny --out /tmp/tiny.json    # tiny models on any machine (the smoke test)
 
 Options: ``--attention-impl`` (ldm_jax's kernel; default cudnn on a GPU, auto
-elsewhere), ``--remat-policy`` (default none), ``--torch-dtype
+elsewhere), ``--remat-policy`` (default none), ``--state-layout auto|default``
+(default auto, as the trainer), ``--torch-dtype
 bfloat16|float16``, ``--skip-diffusers``, ``--budget-s``. Writes the JSON
 record to ``--out`` and prints a summary table.
 """
@@ -144,9 +145,9 @@ def jax_worker(args) -> None:
     device = jax.devices()[0]
     parts = Parts(args.out, args.deadline, MIN_PART_S[args.config], framework="ldm_jax",
                   jax_version=jax.__version__, backend=jax.default_backend(), device_kind=device.device_kind,
-                  attention_impl=impl, remat_policy=args.remat_policy, compute_dtype="bfloat16",
-                  param_dtype="float32")
-    parts.run("train", lambda: jax_train(configs, spec, impl, args.remat_policy))
+                  attention_impl=impl, remat_policy=args.remat_policy, state_layout=args.state_layout,
+                  compute_dtype="bfloat16", param_dtype="float32")
+    parts.run("train", lambda: jax_train(configs, spec, impl, args.remat_policy, args.state_layout))
     for name, batch in (("sample_latency", 1), ("sample_throughput", spec["sample_batch"])):
         parts.run(name, lambda: jax_sample(configs, impl, batch, spec["sample_repeats"]))
 
@@ -166,10 +167,14 @@ def _device_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str) -> dict:
-    """Compile and time ldm_jax's stage-2 train step; its memory, model FLOPs and MFU.
+def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_layout: str = "auto") -> dict:
+    """ldm_jax's stage-2 train step at ``spec['train_batch']``, jitted as the trainer does, with its inputs on
+    the device.
 
-    The FLOPs are ``jaxpr_flops`` of the same step traced with plain-XLA
+    Returns ``jitted`` (the step, donating the state, its layouts per
+    ``state_layout``: compile it with ``diffusion_state.compile_train_step``),
+    ``args`` (state, batch, frozen params, rng), the latent ``shape`` and
+    ``flops``: ``jaxpr_flops`` of the same step traced with plain-XLA
     attention and no remat (a cuDNN attention kernel is opaque to the count;
     remat would add recomputation)."""
     import functools
@@ -179,6 +184,7 @@ def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str) -> dict:
     import numpy as np
 
     from ldm_jax.pipeline import build_modules, init_inputs
+    from ldm_jax.training import diffusion_state
     from ldm_jax.training.diffusion_step import DiffusionTask, train_step
     from ldm_jax.training.run_config import DIFFUSION_DEFAULTS
     from ldm_jax.training.state import TrainState, make_optimizer
@@ -211,11 +217,27 @@ def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str) -> dict:
                             "empty_ids": token_batch(1, length, vocab, 2)[0]})
     step_rng = jax.random.key(2)
 
-    lowered = jax.jit(functools.partial(train_step, task, optimizer), donate_argnums=0).lower(
-        state, batch, frozen, step_rng)
-    compile_s, compiled = timed(lowered.compile)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    state_formats = diffusion_state.state_formats(shardings, state_layout)
+    jitted = jax.jit(functools.partial(train_step, task, optimizer), donate_argnums=0,
+                     in_shardings=(state_formats, *jax.tree.map(lambda x: x.sharding, (batch, frozen, step_rng))),
+                     out_shardings=(state_formats, None))
     flops = jaxpr_flops(jax.make_jaxpr(functools.partial(train_step, task_for("xla", "none"), optimizer))(
         state, batch, frozen, step_rng))
+    return dict(jitted=jitted, args=(state, batch, frozen, step_rng), shape=shape, flops=flops)
+
+
+def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_layout: str) -> dict:
+    """Compile and time ldm_jax's stage-2 train step (:func:`prepare_train`); its memory, model FLOPs and MFU."""
+    import jax
+    import numpy as np
+
+    from ldm_jax.training.diffusion_state import compile_train_step
+
+    prepared = prepare_train(configs, spec, impl, remat_policy, state_layout)
+    state, batch, frozen, step_rng = prepared["args"]
+    shape, flops, batch_size = prepared["shape"], prepared["flops"], spec["train_batch"]
+    compile_s, (compiled, state) = timed(lambda: compile_train_step(prepared["jitted"], *prepared["args"]))
 
     def steps(n: int) -> None:
         nonlocal state
@@ -411,7 +433,7 @@ def run_worker(framework: str, args, deadline: float) -> dict:
         out = os.path.join(folder, f"{framework}.json")
         command = [sys.executable, "-m", "bench.gpu_bench", "--worker", framework, "--config", args.config,
                    "--out", out, "--deadline", str(deadline), "--remat-policy", args.remat_policy,
-                   "--torch-dtype", args.torch_dtype]
+                   "--state-layout", args.state_layout, "--torch-dtype", args.torch_dtype]
         if args.attention_impl:
             command += ["--attention-impl", args.attention_impl]
         # The worker is the only process on the accelerator: let JAX take 90% of its memory instead of 75%.
@@ -469,7 +491,8 @@ def summary(record: dict) -> str:
     fmt = lambda value, spec: format(value, spec) if isinstance(value, (int, float)) else "-"
     peak_text = f"peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else "peak FLOP/s unknown: no MFU"
     lines = [f"{record['config']}: ldm_jax on {ours.get('device_kind', '?')} ({peak_text}), attention "
-             f"{ours.get('attention_impl')}, remat {ours.get('remat_policy')}; diffusers on "
+             f"{ours.get('attention_impl')}, remat {ours.get('remat_policy')}, state layout "
+             f"{ours.get('state_layout')}; diffusers on "
              f"{theirs.get('device_name', '-')}, {theirs.get('torch_dtype', '-')}",
              f"{'':28} {'ldm_jax':>10} {'diffusers':>10} {'speedup':>8}"]
     for label, a, b, r, spec in rows:
@@ -492,6 +515,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--attention-impl", default=None,
                         help="ldm_jax's attention kernel (default: cudnn on a GPU, auto elsewhere)")
     parser.add_argument("--remat-policy", default="none")
+    parser.add_argument("--state-layout", choices=("auto", "default"), default="auto",
+                        help="the train state's memory layouts (the trainer's diffusion.state_layout)")
     parser.add_argument("--torch-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--budget-s", type=float, default=560.0, help="wall-clock budget for everything")
     parser.add_argument("--skip-diffusers", action="store_true")

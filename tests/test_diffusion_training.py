@@ -22,7 +22,8 @@ from ldm_jax.models.clip import CLIPTextModel
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
 from ldm_jax.train import run
-from ldm_jax.training import checkpoints, diffusion_loop
+from ldm_jax import parallel
+from ldm_jax.training import checkpoints, diffusion_loop, diffusion_state
 from ldm_jax.training.diffusion_step import DiffusionTask, diffusion_loss, drop_captions, loss_weights
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
@@ -150,6 +151,32 @@ def test_stopped_and_resumed_run_matches_uninterrupted(chain, tmp_path):
     for name in ("unet", "text_encoder"):
         for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
             np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("state_layout", ["auto", "default"])
+def test_compiled_step_takes_its_state_in_the_layouts_it_chose(state_layout):
+    """`compile_train_step` lowers the state abstractly and moves it into the compiled step's input formats;
+    stepping through it gives what the plain jitted step gives (the GPU case, where 'auto' picks cuDNN's
+    kernel layouts, was checked on an H200: README "Results")."""
+    mesh = parallel.make_mesh({})
+    sharding = parallel.replicated(mesh)
+    state = {"kernel": jnp.arange(3 * 3 * 4 * 8, dtype=jnp.float32).reshape(3, 3, 4, 8) / 100, "step": jnp.int32(0)}
+    images = jnp.ones((2, 6, 6, 4))
+
+    def step(state, images):
+        loss = lambda k: jnp.mean(jax.lax.conv_general_dilated(images, k, (1, 1), "SAME",
+                                                               dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
+        value, grad = jax.value_and_grad(loss)(state["kernel"])
+        return {"kernel": state["kernel"] - 0.1 * grad, "step": state["step"] + 1}, value
+
+    formats = diffusion_state.state_formats(jax.tree.map(lambda _: sharding, state), state_layout)
+    jitted = jax.jit(step, in_shardings=(formats, sharding), out_shardings=(formats, sharding), donate_argnums=0)
+    expected, expected_loss = jax.jit(step)(jax.tree.map(jnp.copy, state), images)
+    compiled, placed = diffusion_state.compile_train_step(jitted, state, images)
+    assert jax.tree.map(lambda x: x.format, placed) == compiled.input_formats[0][0]
+    placed, loss = compiled(placed, images)
+    assert float(loss) == float(expected_loss) and int(placed["step"]) == 1
+    np.testing.assert_array_equal(np.asarray(placed["kernel"]), np.asarray(expected["kernel"]))
 
 
 def test_init_from_fine_tunes_a_pretrained_pipeline(chain, tmp_path):

@@ -1,5 +1,5 @@
 """bench/gpu_bench.py end to end at the tiny config on the CPU: both frameworks' workers run every part and the
-JSON record and the table hold their numbers."""
+JSON record and the table hold their numbers; the GPU tools beside it (state layouts, step profile) run too."""
 
 import json
 import os
@@ -47,3 +47,29 @@ def test_tiny_run_records_every_part_of_both_frameworks(tmp_path):
     assert speedup["sample_throughput"] == pytest.approx(ours["sample_throughput"]["images_per_s"] /
                                                          theirs["sample_throughput"]["images_per_s"])
     assert f"{train['step_s']:.4f}" in result.stdout and "sample 1 image s" in result.stdout
+
+
+@pytest.mark.slow
+def test_state_layout_bench_and_step_profile_run_at_tiny(tmp_path):
+    """The two single-framework GPU tools end to end on the CPU: both state layouts step to the same loss (a
+    CPU keeps row-major layouts), and the profile accounts the step's kernels by kind."""
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    layouts = tmp_path / "layouts.json"
+    result = subprocess.run([sys.executable, "-m", "bench.state_layout_bench", "--config", "tiny", "--out",
+                             str(layouts), "--rounds", "2", "--steps-per-round", "2"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(layouts.read_text())
+    assert record["default"]["first_loss"] == record["auto"]["first_loss"]
+    assert record["first_step_params_max_abs_diff"] == 0.0 and record["auto_non_row_major_arrays"] == 0
+    assert record["auto_checkpoint_reads_back"] is True
+    assert record["speedup_auto_over_default"] == pytest.approx(record["default"]["step_s"] / record["auto"]["step_s"])
+
+    profile = tmp_path / "profile.json"
+    result = subprocess.run([sys.executable, "-m", "bench.step_profile", "--config", "tiny", "--out", str(profile),
+                             "--top", "10"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(profile.read_text())
+    assert record["state_layout"] == "auto" and len(record["top_kernels"]) == 10
+    assert record["kind_ms"]["convolution"] > 0 and record["kind_ms"]["matmul"] > 0
+    assert sum(record["kind_ms"].values()) == pytest.approx(record["kernel_ms"])

@@ -82,7 +82,7 @@ def compile_train_step(config: Mapping[str, Any], mesh_config: Mapping[str, Any]
     state, frozen = diffusion_state.abstract_state(task, configs, optimizer, mesh, frozen_layout,
                                                    parallel.axis_rules(mesh_config))
     shardings = jax.tree.map(lambda x: x.sharding, (state, frozen))
-    step = diffusion_state.jit_train_step(task, optimizer, mesh, shardings)
+    step = diffusion_state.jit_train_step(task, optimizer, mesh, shardings, settings["state_layout"])
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
     started = time.time()
     lowered = step.lower(state, abstract_batch(configs, batch, mesh), frozen, rng)

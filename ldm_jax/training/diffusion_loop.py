@@ -130,7 +130,8 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
         logging.info("stage 2: resumed from step %d in %s", start, workdir)
     tracker = NonFiniteTracker(d["nan_policy"], stage="stage 2", policy_key="diffusion.nan_policy", previous=skips)
 
-    step_fn = diffusion_state.jit_train_step(stage.task, optimizer, mesh, shardings)
+    step_fn = diffusion_state.jit_train_step(stage.task, optimizer, mesh, shardings, d["state_layout"])
+    compiled = None  # compiled at the first step, which also moves the state into the step's layouts
     vae_params = jax.device_put(stage.vae.params, latents.vae_shardings(stage.vae.module, mesh, layout, rules))
     empty = np.asarray(tokenize(stage.tokenizer, [""], stage.max_length), np.int32)
     if d["sample_every"] >= 0:  # -1: no sample grids
@@ -174,7 +175,10 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
             batch = next(iterator)
             batch = {"mean": batch["mean"], "logvar": batch["logvar"], "input_ids": batch["input_ids"],
                      "empty_ids": empty_rows}
-            state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), frozen, step_rng)
+            batch = parallel.shard_batch(batch, mesh)
+            if compiled is None:
+                compiled, state = diffusion_state.compile_train_step(step_fn, state, batch, frozen, step_rng)
+            state, metrics = compiled(state, batch, frozen, step_rng)
             done = step + 1
             tracker.update(metrics.pop("nonfinite"), done)
             bar.update(1)

@@ -34,6 +34,7 @@ import ml_collections
 from ldm_jax.data.config import data_config
 from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import REMAT_POLICIES
+from ldm_jax.training.state import STATE_LAYOUTS
 from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
 from ldm_jax.training.nonfinite import POLICIES
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS
@@ -84,6 +85,8 @@ DIFFUSION_DEFAULTS = dict(
     dtype="float32",         # compute dtype ('bfloat16' on accelerators); params, optimizer state and EMA stay float32
     remat_policy="none",     # U-Net activation rematerialization: none, full, dots_saveable,
                              # dots_with_no_batch_dims_saveable (ldm_jax/models/layers.py)
+    state_layout="auto",     # memory layouts of params, optimizer state and EMA: 'auto' (XLA's pick for the step;
+                             # on GPUs cuDNN's conv kernel layout) or 'default' (ldm_jax/training/diffusion_state.py)
     nan_policy="stop",       # a NaN/Inf loss or gradient: 'stop' (with an error naming the step) or 'skip' the update
     log_every=50,
     checkpoint_every=500,
@@ -183,6 +186,9 @@ def validate(config: Mapping[str, Any]) -> None:
     if config["diffusion"]["dtype"] not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"diffusion.dtype must be float32, bfloat16 or float16, got {config['diffusion']['dtype']!r}")
     check_attention_impl(config["attention_impl"])
+    if config["diffusion"]["state_layout"] not in STATE_LAYOUTS:
+        raise ValueError(f"diffusion.state_layout must be one of {list(STATE_LAYOUTS)}, got "
+                         f"{config['diffusion']['state_layout']!r}")
     if config["diffusion"]["remat_policy"] not in REMAT_POLICIES:
         raise ValueError(f"diffusion.remat_policy must be one of {list(REMAT_POLICIES)}, got "
                          f"{config['diffusion']['remat_policy']!r}")

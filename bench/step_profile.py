@@ -1,0 +1,204 @@
+r"""Where the stage-2 train step's time goes: its device kernels, summed by kind and traced back to the model code.
+
+    python -m bench.step_profile --out profile.json                     # SD 1.5, batch 16, on the GPU
+    python -m bench.step_profile --config tiny --out /tmp/tiny.json     # tiny models on any machine
+
+Compiles the train step of ``bench/gpu_bench.py`` (same models, batch,
+attention kernel, remat policy and state layout), runs it ``--steps`` times under
+``jax.profiler`` after two warm-up steps, and reports per step:
+
+* the time of every device kernel (GPU streams; on a CPU, XLA's op events),
+  and their sum against the step's wall time (the gap is the device idling);
+* that time by kind (:data:`KINDS`): matmuls, convolutions and attention,
+  which do the model's FLOPs, and the memory-bound rest;
+* the ``--top`` costliest kernels, each with its HLO instruction's shape
+  and the JAX operation it came from (the HLO metadata's ``op_name``,
+  whose path names the Flax module).
+
+``--hlo-out FILE.gz`` also writes the optimized HLO. Writes the JSON record
+to ``--out`` and prints a summary.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
+from typing import Any
+
+# Kinds of kernels, in the order a kernel is tested against them: a kernel's name (or, for XLA's own fusions, the
+# operations of its HLO computation) decides its kind.
+KINDS = ("attention", "convolution", "matmul", "transpose", "reduction", "concatenate", "copy", "elementwise")
+_NAME_KINDS = (  # (kind, pattern of library kernel names and of XLA fusion names)
+    ("attention", r"sdpa|fmha|flash|cudnn::fusion"),
+    ("convolution", r"fprop|dgrad|wgrad|convolution|implicit_gemm|Conv"),
+    ("matmul", r"gemm|nvjet|cublas|matmul|^dot|_dot"),
+    ("transpose", r"transpose"),
+    ("reduction", r"reduce"),
+    ("concatenate", r"concatenate"),
+    ("copy", r"memcpy|memset|^copy"),
+)
+_BODY_KINDS = (("attention", "custom-call"), ("convolution", "convolution"), ("matmul", "dot"),
+               ("reduction", "reduce"), ("transpose", "transpose"), ("concatenate", "concatenate"))
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+
+
+def kernel_name(hlo_name: str) -> str:
+    """The name XLA:GPU gives the kernel of HLO instruction ``hlo_name`` ('.' and '-' become '_')."""
+    return re.sub(r"[.\-]", "_", hlo_name)
+
+
+def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
+    """HLO instructions by kernel name: ``shape``, ``opcode``, ``op_name`` (metadata, '' when absent) and
+    ``body``: the opcodes of the computation a fusion calls (empty for other instructions)."""
+    bodies: dict[str, set[str]] = collections.defaultdict(set)
+    instructions, computation = {}, None
+    for line in text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and " = " not in line:
+            computation = header.group(1)
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape, opcode, rest = match.groups()
+        bodies[computation].add(opcode)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        instructions[kernel_name(name)] = dict(shape=shape, opcode=opcode, op_name=op_name.group(1) if op_name else "",
+                                               calls=called.group(1) if called else None)
+    for info in instructions.values():
+        info["body"] = sorted(bodies.get(info.pop("calls"), ())) if info["opcode"] == "fusion" else []
+    return instructions
+
+
+def kernel_kind(name: str, instruction: dict | None) -> str:
+    """The kind (one of :data:`KINDS`) of kernel ``name``, whose HLO instruction (if known) is ``instruction``."""
+    if instruction is not None and instruction["opcode"] != "fusion":
+        body = {instruction["opcode"]}
+    else:
+        body = set(instruction["body"]) if instruction else set()
+    for kind, opcode in _BODY_KINDS:
+        if opcode in body and (kind != "attention" or re.search(_NAME_KINDS[0][1], name)):
+            return kind
+    for kind, pattern in _NAME_KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "elementwise"
+
+
+def device_kernel_times(trace_dir: str, instructions: dict[str, dict]) -> dict[str, list[float]]:
+    """``{kernel: [total seconds, launches]}`` from the profile under ``trace_dir``: every event of the GPU
+    streams or, on a CPU, the events of XLA's threads that name one of the program's ``instructions``."""
+    path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu = any(name.startswith("Stream") for name in threads.values())
+    wanted = {key for key, name in threads.items() if (name.startswith("Stream") if gpu else "XLA" in name)}
+    times: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for event in events:
+        if event.get("ph") == "X" and (event["pid"], event["tid"]) in wanted \
+                and (gpu or kernel_name(event["name"]) in instructions):
+            times[event["name"]][0] += event["dur"] * 1e-6
+            times[event["name"]][1] += 1
+    return dict(times)
+
+
+def summarize(times: dict[str, list[float]], instructions: dict[str, dict], steps: int, wall_s: float,
+              top: int) -> dict:
+    """Per-step kernel time in total, by kind and for the ``top`` costliest kernels (with their HLO)."""
+    by_kind = dict.fromkeys(KINDS, 0.0)
+    kernels = []
+    for name, (seconds, launches) in times.items():
+        instruction = instructions.get(kernel_name(name))
+        kind = kernel_kind(name, instruction)
+        by_kind[kind] += seconds / steps
+        kernels.append(dict(name=name, kind=kind, ms=1e3 * seconds / steps, launches=launches / steps,
+                            shape=instruction["shape"] if instruction else "",
+                            op_name=instruction["op_name"] if instruction else ""))
+    kernels.sort(key=lambda k: -k["ms"])
+    total = sum(by_kind.values())
+    return dict(steps=steps, step_ms=1e3 * wall_s / steps, kernel_ms=1e3 * total,
+                kind_ms={k: 1e3 * v for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+                top_kernels=kernels[:top])
+
+
+def profile_step(compiled, args: tuple, steps: int, top: int) -> dict:
+    """Profile ``steps`` calls of the compiled train step (state donated and threaded through) after two
+    warm-up calls; :func:`summarize` of its kernels."""
+    import jax
+
+    state, *rest = args
+
+    def run(n: int) -> float:
+        nonlocal state
+        start = time.perf_counter()
+        for _ in range(n):
+            state, metrics = compiled(state, *rest)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - start
+
+    run(2)
+    instructions = parse_hlo(compiled.as_text())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            wall_s = run(steps)
+        times = device_kernel_times(trace_dir, instructions)
+    return summarize(times, instructions, steps, wall_s, top)
+
+
+def print_summary(record: dict) -> None:
+    """The per-step totals, the time by kind and the top kernels, as text."""
+    print(f"{record['device_kind']}: step {record['step_ms']:.1f} ms (under the profiler), kernels "
+          f"{record['kernel_ms']:.1f} ms")
+    for kind, ms in record["kind_ms"].items():
+        print(f"  {kind:12s} {ms:8.2f} ms  {100 * ms / record['kernel_ms']:5.1f}%")
+    for k in record["top_kernels"]:
+        print(f"  {k['ms']:7.3f} ms x{k['launches']:<4g} {k['kind']:11s} {k['name'][:48]:48s} {k['shape'][:40]:40s} "
+              f"{k['op_name'][-90:]}")
+
+
+def main(argv=None) -> dict:
+    """Entry point of ``python -m bench.step_profile``."""
+    from bench import gpu_bench
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=sorted(gpu_bench.SPECS), default="sd15")
+    parser.add_argument("--out", required=True, help="where to write the JSON record")
+    parser.add_argument("--attention-impl", default=None, help="default: cudnn on a GPU, auto elsewhere")
+    parser.add_argument("--remat-policy", default="none")
+    parser.add_argument("--state-layout", choices=("auto", "default"), default="auto")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps")
+    parser.add_argument("--top", type=int, default=60, help="kernels listed")
+    parser.add_argument("--hlo-out", help="also write the optimized HLO here (gzipped)")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from ldm_jax.training.diffusion_state import compile_train_step
+
+    impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
+    configs, spec = gpu_bench.model_configs(args.config), gpu_bench.SPECS[args.config]
+    prepared = gpu_bench.prepare_train(configs, spec, impl, args.remat_policy, args.state_layout)
+    compile_s, (compiled, state) = gpu_bench.timed(lambda: compile_train_step(prepared["jitted"], *prepared["args"]))
+    record = dict(config=args.config, device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__,
+                  attention_impl=impl, remat_policy=args.remat_policy, state_layout=args.state_layout,
+                  batch=spec["train_batch"], compile_s=compile_s,
+                  **profile_step(compiled, (state, *prepared["args"][1:]), args.steps, args.top))
+    if args.hlo_out:
+        with gzip.open(args.hlo_out, "wt") as f:
+            f.write(compiled.as_text())
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+    print_summary(record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
