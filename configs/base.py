@@ -69,7 +69,7 @@ DIFFUSION = dict(
     # Plain v-prediction MSE, no min-SNR weighting: min-SNR-5 gives the high-noise steps, where the layout is
     # decided, an x0 weight of min(snr, 5) (0.005 at t = 999), and position stayed at chance (20% vs 99%).
     caption_dropout=0.1, ema_decay=0.999, log_every=100, checkpoint_every=800,
-    sample_every=800, sample_steps=25, guidance_scale=8.0,
+    sample_every=800, sample_steps=25, guidance_scale=4.0,  # evaluate's default too: it followed prompts best
     # Frozen: trained jointly, the text encoder learned to mute the position words (their effect on its
     # output fell to a tenth of the colour words'), and colour reached 92% vs 96% frozen.
     train_text_encoder=False,
