@@ -158,11 +158,18 @@ class Attention(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-conv residual block, with an optional time-embedding shift."""
+    """GroupNorm-SiLU-conv residual block, conditioned on a time embedding ``temb`` (when given).
+
+    ``time_scale_shift`` False (diffusers' 'default'): the projected
+    embedding is added before ``norm2``. True ('scale_shift', FiLM): it is
+    projected to twice the channels, ``scale`` then ``shift``, and ``norm2``'s
+    output becomes ``h * (1 + scale) + shift``.
+    """
     out_channels: int
     groups: int = 32
     epsilon: float = 1e-6
     dropout: float = 0.0
+    time_scale_shift: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -172,8 +179,15 @@ class ResnetBlock2D(nn.Module):
         h = nn.silu(group_norm(self.groups, self.epsilon, "norm1", **kw)(x))
         h = conv(self.out_channels, 3, "conv1", **kw)(h)
         if temb is not None:
-            h = h + dense(self.out_channels, "time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(group_norm(self.groups, self.epsilon, "norm2", **kw)(h))
+            width = 2 * self.out_channels if self.time_scale_shift else self.out_channels
+            temb = dense(width, "time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
+        if temb is not None and not self.time_scale_shift:
+            h = h + temb
+        h = group_norm(self.groups, self.epsilon, "norm2", **kw)(h)
+        if temb is not None and self.time_scale_shift:
+            scale, shift = jnp.split(temb, 2, axis=-1)
+            h = h * (1 + scale) + shift
+        h = nn.silu(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = conv(self.out_channels, 3, "conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:

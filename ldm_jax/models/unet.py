@@ -40,7 +40,6 @@ _FIXED_OPTIONS = {
     "addition_time_embed_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
-    "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1.0,),
     "mid_block_scale_factor": (1.0,),
@@ -54,6 +53,8 @@ _FIXED_OPTIONS = {
 }
 # The values of ``addition_embed_type`` we implement: none, or a pooled-text embedding added to the time embedding.
 ADDITION_EMBED_TYPES = (None, "text")
+# How the resnets take the time embedding: added before their second GroupNorm, or as a scale and shift after it.
+RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
 # Fields of ours that are no diffusers options: how the network computes, not what it is. Never in config.json.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
 # Config fields of ours that are lists of values in the JSON config.
@@ -233,6 +234,7 @@ class _UNetBlock(nn.Module):
     groups: int = 32
     epsilon: float = 1e-5
     dropout: float = 0.0
+    time_scale_shift: bool = False
     use_linear_projection: bool = False
     upcast_attention: bool = False
     attention_impl: str = "auto"
@@ -243,8 +245,8 @@ class _UNetBlock(nn.Module):
     def resnet(self, i: int, x: jax.Array, temb: jax.Array, deterministic: bool) -> jax.Array:
         """Apply ``resnets_<i>``."""
         block = remat(ResnetBlock2D, self.remat_policy, static_argnums=(3,))  # deterministic is static
-        return block(self.out_channels, self.groups, self.epsilon, self.dropout, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=f"resnets_{i}")(x, temb, deterministic)
+        return block(self.out_channels, self.groups, self.epsilon, self.dropout, self.time_scale_shift,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name=f"resnets_{i}")(x, temb, deterministic)
 
     def transformer(self, i: int, x: jax.Array, context: jax.Array) -> jax.Array:
         """Apply ``attentions_<i>`` if the block has transformers, else return ``x``."""
@@ -351,6 +353,7 @@ class UNet2DConditionModel(nn.Module):
     time_embedding_dim: int | None = None
     addition_embed_type: str | None = None
     addition_embed_type_num_heads: int = 64
+    resnet_time_scale_shift: str = "default"
     dropout: float = 0.0
     sample_size: int | None = None
     attention_impl: str = "auto"
@@ -380,6 +383,9 @@ class UNet2DConditionModel(nn.Module):
         if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
             raise ValueError(f"cross_attention_dim {self.cross_attention_dim} is not divisible by "
                              f"addition_embed_type_num_heads {self.addition_embed_type_num_heads}")
+        if self.resnet_time_scale_shift not in RESNET_TIME_SCALE_SHIFTS:
+            raise ValueError(f"unsupported resnet_time_scale_shift {self.resnet_time_scale_shift!r}: use "
+                             f"{' or '.join(map(repr, RESNET_TIME_SCALE_SHIFTS))}")
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
         if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
@@ -443,7 +449,7 @@ class UNet2DConditionModel(nn.Module):
         transformer_layers = as_tuple(self.transformer_layers_per_block, n)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shared = dict(groups=self.norm_num_groups, epsilon=self.norm_eps, dropout=self.dropout,
-                      use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                      time_scale_shift=self.resnet_time_scale_shift == "scale_shift", use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
                       attention_impl=self.attention_impl, remat_policy=self.remat_policy, **kw)
         context = context.astype(self.dtype)
 
