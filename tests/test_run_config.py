@@ -52,7 +52,8 @@ def test_configs_build_and_lock():
      "diffusion.sample_prompts must name the sample grid's prompts for data.source 'folder'"),
     (dict(attention_impl="flash"), "unknown attention_impl 'flash'; choose one of"),
     (dict(diffusion=dict(remat_policy="some")), r"diffusion.remat_policy must be one of \['none', 'full'.*got 'some'"),
-    (dict(diffusion=dict(state_layout="tiled")), r"diffusion.state_layout must be one of \['auto', 'default'\], got 'tiled'"),
+    (dict(diffusion=dict(state_layout="tiled")),
+     r"diffusion.state_layout must be one of \['auto', 'default'\], got 'tiled'"),
 ])
 def test_bad_configs_fail_with_the_values_named(changes, message):
     with pytest.raises((KeyError, ValueError), match=message):

@@ -74,7 +74,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Ar
     q, k, v = split(q), split(k), split(v)
     if impl == "auto" and jax.default_backend() == "cpu":
         impl = "einsum"
-    if impl == "cudnn" and not _cudnn_supports(q, k, padded_keys=mask is None and not is_causal):
+    unmasked = mask is None and not is_causal
+    if impl == "cudnn" and not _cudnn_supports(q, k, padded_keys=unmasked):
         impl = "xla"
     if impl == "einsum":
         out = einsum_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), mask, is_causal)
@@ -82,7 +83,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, mask: jax.Ar
     if impl == "pallas_tpu":
         out = pallas_tpu_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), mask, is_causal)
         return out.transpose(0, 2, 1, 3).reshape(b, tq, d)
-    if impl == "cudnn" and mask is None and not is_causal:
+    if impl == "cudnn" and unmasked:
         return padded_keys_attention(q, k, v, _CUDNN_KEYS, implementation="cudnn").reshape(b, tq, d)
     implementation = impl if impl in ("xla", "cudnn") else None  # None ('auto' off CPU): jax chooses
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,

@@ -178,14 +178,17 @@ class ResnetBlock2D(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.silu(group_norm(self.groups, self.epsilon, "norm1", **kw)(x))
         h = conv(self.out_channels, 3, "conv1", **kw)(h)
+        film = None
         if temb is not None:
             width = 2 * self.out_channels if self.time_scale_shift else self.out_channels
             temb = dense(width, "time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
-        if temb is not None and not self.time_scale_shift:
-            h = h + temb
+            if self.time_scale_shift:
+                film = jnp.split(temb, 2, axis=-1)
+            else:
+                h = h + temb
         h = group_norm(self.groups, self.epsilon, "norm2", **kw)(h)
-        if temb is not None and self.time_scale_shift:
-            scale, shift = jnp.split(temb, 2, axis=-1)
+        if film is not None:
+            scale, shift = film
             h = h * (1 + scale) + shift
         h = nn.silu(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)

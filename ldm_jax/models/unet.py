@@ -449,7 +449,8 @@ class UNet2DConditionModel(nn.Module):
         transformer_layers = as_tuple(self.transformer_layers_per_block, n)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shared = dict(groups=self.norm_num_groups, epsilon=self.norm_eps, dropout=self.dropout,
-                      time_scale_shift=self.resnet_time_scale_shift == "scale_shift", use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                      time_scale_shift=self.resnet_time_scale_shift == "scale_shift",
+                      use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
                       attention_impl=self.attention_impl, remat_policy=self.remat_policy, **kw)
         context = context.astype(self.dtype)
 

@@ -28,7 +28,7 @@ from ldm_jax import parallel
 from ldm_jax.pipeline import init_inputs
 from ldm_jax.training import checkpoints
 from ldm_jax.training.diffusion_step import DiffusionTask, train_step
-from ldm_jax.training.state import STATE_LAYOUTS, TrainState
+from ldm_jax.training.state import TrainState, check_state_layout
 
 EMA_UNET = checkpoints.EMA_UNET
 
@@ -96,10 +96,9 @@ def abstract_state(task: DiffusionTask, configs: Mapping[str, dict], optimizer: 
 
 
 def state_formats(shardings: Any, state_layout: str) -> Any:
-    """The state's ``shardings`` as jit takes them for ``state_layout`` (one of :data:`STATE_LAYOUTS`): as they
-    are for 'default', each with ``Layout.AUTO`` for 'auto'."""
-    if state_layout not in STATE_LAYOUTS:
-        raise ValueError(f"diffusion.state_layout must be one of {list(STATE_LAYOUTS)}, got {state_layout!r}")
+    """The state's ``shardings`` as jit takes them for ``state_layout`` ('auto' or 'default'): as they are for
+    'default', each with ``Layout.AUTO`` for 'auto'."""
+    check_state_layout(state_layout)
     return jax.tree.map(lambda s: Format(Layout.AUTO, s), shardings) if state_layout == "auto" else shardings
 
 

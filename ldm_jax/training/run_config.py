@@ -34,10 +34,9 @@ import ml_collections
 from ldm_jax.data.config import data_config
 from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import REMAT_POLICIES
-from ldm_jax.training.state import STATE_LAYOUTS
 from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
 from ldm_jax.training.nonfinite import POLICIES
-from ldm_jax.training.state import OPTIMIZER_DEFAULTS
+from ldm_jax.training.state import OPTIMIZER_DEFAULTS, check_state_layout
 
 STAGES = ("autoencoder", "latents", "diffusion")
 
@@ -186,9 +185,7 @@ def validate(config: Mapping[str, Any]) -> None:
     if config["diffusion"]["dtype"] not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"diffusion.dtype must be float32, bfloat16 or float16, got {config['diffusion']['dtype']!r}")
     check_attention_impl(config["attention_impl"])
-    if config["diffusion"]["state_layout"] not in STATE_LAYOUTS:
-        raise ValueError(f"diffusion.state_layout must be one of {list(STATE_LAYOUTS)}, got "
-                         f"{config['diffusion']['state_layout']!r}")
+    check_state_layout(config["diffusion"]["state_layout"])
     if config["diffusion"]["remat_policy"] not in REMAT_POLICIES:
         raise ValueError(f"diffusion.remat_policy must be one of {list(REMAT_POLICIES)}, got "
                          f"{config['diffusion']['remat_policy']!r}")
