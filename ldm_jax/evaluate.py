@@ -1,6 +1,7 @@
 r"""Prompt following of a model trained on the built-in ldm_shapes data, scored from the images alone.
 
     python -m ldm_jax.evaluate --checkpoint WORKDIR [--step N] [--count 200] [--guidance 4.0] [--steps 25]
+                               [--strength 1.0]
 
 Generates one image for each of the first ``--count`` test-split captions
 (half of them name colour-shape pairs that never occur in training), reads
@@ -13,12 +14,19 @@ against the same captions; as ceilings, the checker on the real test images
 and on their reconstructions by the checkpoint's VAE (posterior mean, encoded
 and decoded: no latent model can generate what its VAE cannot reproduce).
 Prints a table and writes ``WORKDIR/eval_step_<step>.json``.
+
+``--strength S`` below 1 starts every sample (conditional and unconditional)
+from its real test image instead of from noise: img2img, the image noised to
+the last ``int(steps * S)`` sampler steps and denoised. Scored against the
+reconstructions, it shows at which noise levels a model loses an attribute
+(README "Results"); the report is then ``eval_step_<step>_strength_<S>.json``.
 """
 
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
@@ -37,12 +45,20 @@ _BATCH = flags.DEFINE_integer("batch", 50, "Images per sampling call.", lower_bo
 _GUIDANCE = flags.DEFINE_float("guidance", 4.0, "Classifier-free guidance scale.")
 _STEPS = flags.DEFINE_integer("steps", 25, "Sampler steps.", lower_bound=1)
 _SAMPLER = flags.DEFINE_string("sampler", "ddim", "Sampler.")
+_STRENGTH = flags.DEFINE_float("strength", 1.0, "Below 1: img2img from the real test images at this strength.",
+                                upper_bound=1.0)
+flags.register_validator("strength", lambda value: value > 0.0, message="--strength must be in (0, 1]")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the starting noise.")
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA U-Net params when the checkpoint has them.")
 
 
-def generate(pipe, prompts: list[str], guidance: float, seed: int, batch: int) -> np.ndarray:
-    """uint8 images [N, S, S, 3] for ``prompts`` (empty prompts as the negative ones); image ``i`` from seed (seed, i)."""
+def generate(pipe, prompts: list[str], guidance: float, seed: int, batch: int,
+             init_images: np.ndarray | None = None, strength: float = 1.0) -> np.ndarray:
+    """uint8 images [N, S, S, 3] for ``prompts`` (empty prompts as the negative ones); image ``i`` from seed (seed, i).
+
+    With ``init_images`` (uint8 [N, H, W, 3], resized to the model's size) and ``strength`` < 1, image ``i`` is
+    img2img from ``init_images[i]``.
+    """
     size = pipe.configs["vae"].get("sample_size", shapes.IMAGE_SIZE)
     max_length = pipe.configs["text_encoder"]["max_position_embeddings"]
     models, images = pipe.models, []
@@ -51,8 +67,14 @@ def generate(pipe, prompts: list[str], guidance: float, seed: int, batch: int) -
         cond = tokenize(pipe.tokenizer, chunk + [""] * (batch - len(chunk)), max_length)
         uncond = tokenize(pipe.tokenizer, [""] * batch, max_length)
         rng = jax.random.fold_in(jax.random.key(seed), start)
+        init = {}
+        if init_images is not None and strength < 1.0:
+            starts = init_images[start:start + batch].astype(np.float32) / 127.5 - 1.0
+            starts = jax.image.resize(starts, (len(chunk), size, size, 3), "linear")
+            init = dict(init_image=jnp.pad(starts, ((0, batch - len(chunk)), (0, 0), (0, 0), (0, 0))),
+                        strength=strength)
         out = sample_fn(pipe.params, cond, uncond, rng, models=models, sampler=_SAMPLER.value, steps=_STEPS.value,
-                        guidance_scale=guidance, height=size, width=size)
+                        guidance_scale=guidance, height=size, width=size, **init)
         images.append(np.round(np.asarray(out)[:len(chunk)] * 255.0).astype(np.uint8))
     return np.concatenate(images)
 
@@ -90,11 +112,11 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
     examples = [shapes.example("test", i) for i in range(_COUNT.value)]
     targets = [{k: e[k] for k in (*shapes_checker.ATTRIBUTES, "held_out")} for e in examples]
     prompts = [e["caption"] for e in examples]
-    conditional = generate(pipe, prompts, _GUIDANCE.value, _SEED.value, _BATCH.value)
-    unconditional = generate(pipe, [""] * len(prompts), 1.0, _SEED.value, _BATCH.value)
     real = np.stack([e["image"] for e in examples])
+    conditional = generate(pipe, prompts, _GUIDANCE.value, _SEED.value, _BATCH.value, real, _STRENGTH.value)
+    unconditional = generate(pipe, [""] * len(prompts), 1.0, _SEED.value, _BATCH.value, real, _STRENGTH.value)
     return {"step": step, "count": len(prompts), "guidance": _GUIDANCE.value, "steps": _STEPS.value,
-            "sampler": _SAMPLER.value, "conditional": score(conditional, targets),
+            "sampler": _SAMPLER.value, "strength": _STRENGTH.value, "conditional": score(conditional, targets),
             "unconditional": score(unconditional, targets), "real_images": score(real, targets),
             "vae_reconstructions": score(reconstruct(pipe, real, _BATCH.value), targets)}
 
@@ -114,7 +136,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     report = evaluate(_CHECKPOINT.value, _STEP.value)
     print_table(report)
-    path = os.path.join(_CHECKPOINT.value, f"eval_step_{report['step']}.json")
+    suffix = "" if report["strength"] == 1.0 else f"_strength_{report['strength']:g}"
+    path = os.path.join(_CHECKPOINT.value, f"eval_step_{report['step']}{suffix}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     logging.info("wrote %s", path)

@@ -140,6 +140,22 @@ def test_evaluate_scores_samples_floor_and_ceilings(chain):
     assert report["vae_reconstructions"]["all"]["all"] < 1.0
 
 
+def test_evaluate_img2img_from_the_test_images_and_a_bad_strength(chain):
+    _, workdir, _ = chain
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    command = [sys.executable, "-m", "ldm_jax.evaluate", "--checkpoint", workdir, "--count", "3", "--batch", "2",
+               "--steps", "2"]
+    done = subprocess.run([*command, "--strength", "0.5"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "eval_step_4_strength_0.5.json")) as f:
+        report = json.load(f)
+    assert report["strength"] == 0.5 and report["count"] == 3  # 3 prompts in batches of 2: the last one padded
+    assert all(0.0 <= v <= 1.0 for v in report["conditional"]["all"].values())
+    for strength in ("0", "1.5"):
+        bad = subprocess.run([*command, "--strength", strength], capture_output=True, text=True, env=env, timeout=600)
+        assert bad.returncode != 0 and "strength" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_stopped_and_resumed_run_matches_uninterrupted(chain, tmp_path):
     config, workdir, data_dir = chain
     resumed = str(tmp_path / "resumed")
