@@ -22,15 +22,15 @@ import optax
 # Memory layouts of a train state (the run config's diffusion.state_layout; ldm_jax/training/diffusion_state.py).
 STATE_LAYOUTS = ("auto", "default")
 
+OPTIMIZER_DEFAULTS = dict(learning_rate=1e-4, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                          weight_decay=0.0, grad_clip=0.0, accumulate=1, end_factor=0.0)
+SCHEDULES = ("constant", "cosine")
+
 
 def check_state_layout(state_layout: str) -> None:
     """ValueError naming ``diffusion.state_layout`` unless ``state_layout`` is one of :data:`STATE_LAYOUTS`."""
     if state_layout not in STATE_LAYOUTS:
         raise ValueError(f"diffusion.state_layout must be one of {list(STATE_LAYOUTS)}, got {state_layout!r}")
-
-OPTIMIZER_DEFAULTS = dict(learning_rate=1e-4, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
-                          weight_decay=0.0, grad_clip=0.0, accumulate=1, end_factor=0.0)
-SCHEDULES = ("constant", "cosine")
 
 
 class TrainState(flax.struct.PyTreeNode):
