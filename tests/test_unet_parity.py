@@ -18,7 +18,8 @@ from tests.refs import max_rel_error, numpy_state_dict
 from tests.refs import unet as refs
 
 CONFIGS = {"sd1": refs.SD1_TINY, "sd2": refs.SD2_TINY, "text_time": refs.TEXT_TIME_TINY,
-           "scale_shift": dict(refs.SD1_TINY, resnet_time_scale_shift="scale_shift")}
+           "scale_shift": dict(refs.SD1_TINY, resnet_time_scale_shift="scale_shift"),
+           "only_cross": refs.ONLY_CROSS_TINY}
 TIMESTEPS = np.array([1, 999])
 # float32 max_rel_error measured on CPU: sd1 1.7e-6, sd2 1.3e-6, text_time 1.4e-6. The bound is tighter than the
 # 1e-4 used at full size so that near-misses fail too: tanh-approximated GELU gives 5e-5.
@@ -129,7 +130,7 @@ def test_timestep_embedding_matches_diffusers():
 
 @pytest.mark.parametrize("option, value", [
     ("resnet_time_scale_shift", "scale_and_shift"), ("class_embed_type", "timestep"), ("mid_block_scale_factor", 2.0),
-    ("only_cross_attention", [True, False]), ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+    ("dual_cross_attention", True), ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
     ("addition_embed_type", "text_time"), ("some_new_option", 1),
 ])
 def test_unsupported_options_raise(option, value):

@@ -29,8 +29,8 @@ MID_BLOCK = "UNetMidBlock2DCrossAttn"
 _FIXED_OPTIONS = {
     "act_fn": ("silu", "swish"),
     "mid_block_type": (MID_BLOCK,),
-    "only_cross_attention": (False,),
-    "mid_block_only_cross_attention": (None, False),
+    # Read only by diffusers' UNetMidBlock2DSimpleCrossAttn; its UNetMidBlock2DCrossAttn (ours) ignores it.
+    "mid_block_only_cross_attention": (None, False, True),
     "dual_cross_attention": (False,),
     "num_attention_heads": (None,),
     "class_embed_type": (None,),
@@ -59,7 +59,7 @@ RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
 # Config fields of ours that are lists of values in the JSON config.
 _TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
-                 "attention_head_dim", "transformer_layers_per_block")
+                 "attention_head_dim", "transformer_layers_per_block", "only_cross_attention")
 
 
 def _constrain(x: jax.Array) -> jax.Array:
@@ -168,11 +168,17 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LayerNorm block: self-attention, cross-attention to the context, GEGLU feed-forward."""
+    """Pre-LayerNorm block: self-attention, cross-attention to the context, GEGLU feed-forward.
+
+    ``only_cross_attention`` makes the first attention a cross-attention to
+    the context as well (diffusers' option of that name): no attention over
+    the H*W tokens, whose cost grows with their square.
+    """
     heads: int
     head_dim: int
     upcast_attention: bool = False
     attention_impl: str = "auto"
+    only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -181,7 +187,8 @@ class BasicTransformerBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, out_features=x.shape[-1], upcast=self.upcast_attention,
                     attention_impl=self.attention_impl, **kw)
-        x = x + Attention(name="attn1", **attn)(layer_norm(1e-5, "norm1", **kw)(x))
+        first_context = context if self.only_cross_attention else None
+        x = x + Attention(name="attn1", **attn)(layer_norm(1e-5, "norm1", **kw)(x), first_context)
         x = x + Attention(name="attn2", **attn)(layer_norm(1e-5, "norm2", **kw)(x), context)
         return x + FeedForward(name="ff", **kw)(layer_norm(1e-5, "norm3", **kw)(x))
 
@@ -199,6 +206,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     attention_impl: str = "auto"
+    only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -214,7 +222,7 @@ class Transformer2DModel(nn.Module):
             h = conv(inner, 1, "proj_in", **kw)(h).reshape(b, height * width, inner)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(self.heads, self.head_dim, self.upcast_attention, self.attention_impl,
-                                      name=f"transformer_blocks_{i}", **kw)(h, context)
+                                      self.only_cross_attention, name=f"transformer_blocks_{i}", **kw)(h, context)
         if self.use_linear_projection:
             h = dense(channels, "proj_out", ("mlp", "embed"), **kw)(h).reshape(b, height, width, channels)
         else:
@@ -237,6 +245,7 @@ class _UNetBlock(nn.Module):
     time_scale_shift: bool = False
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    only_cross_attention: bool = False
     attention_impl: str = "auto"
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
@@ -254,8 +263,8 @@ class _UNetBlock(nn.Module):
             return x
         return remat(Transformer2DModel, self.remat_policy)(
             self.heads, self.out_channels // self.heads, self.transformer_layers, self.groups,
-            self.use_linear_projection, self.upcast_attention, self.attention_impl, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=f"attentions_{i}")(x, context)
+            self.use_linear_projection, self.upcast_attention, self.attention_impl, self.only_cross_attention,
+            dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}")(x, context)
 
 
 class DownBlock(_UNetBlock):
@@ -339,6 +348,7 @@ class UNet2DConditionModel(nn.Module):
     layers_per_block: int | tuple[int, ...] = 2
     attention_head_dim: int | tuple[int, ...] = 8
     transformer_layers_per_block: int | tuple[int, ...] = 1
+    only_cross_attention: bool | tuple[bool, ...] = False
     cross_attention_dim: int = 1280
     use_linear_projection: bool = False
     upcast_attention: bool = False
@@ -365,7 +375,7 @@ class UNet2DConditionModel(nn.Module):
         super().__post_init__()
         n = len(self.block_out_channels)
         for field in ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
-                      "transformer_layers_per_block"):
+                      "transformer_layers_per_block", "only_cross_attention"):
             as_tuple(getattr(self, field), n)
         for kind in self.down_block_types:
             if kind not in (CROSS_ATTN_DOWN, PLAIN_DOWN):
@@ -411,7 +421,7 @@ class UNet2DConditionModel(nn.Module):
                 continue
             if key in _FIXED_OPTIONS:
                 if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
-                    value = value[0]  # e.g. only_cross_attention given per block
+                    value = value[0]  # e.g. dual_cross_attention given per block
                 if isinstance(value, (list, tuple)) or value not in _FIXED_OPTIONS[key]:
                     raise ValueError(f"unsupported diffusers UNet option {key}={value!r}: only "
                                      f"{' or '.join(map(repr, _FIXED_OPTIONS[key]))} is implemented")
@@ -447,6 +457,7 @@ class UNet2DConditionModel(nn.Module):
         layers = as_tuple(self.layers_per_block, n)
         heads = as_tuple(self.attention_head_dim, n)
         transformer_layers = as_tuple(self.transformer_layers_per_block, n)
+        only_cross = as_tuple(self.only_cross_attention, n)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shared = dict(groups=self.norm_num_groups, epsilon=self.norm_eps, dropout=self.dropout,
                       time_scale_shift=self.resnet_time_scale_shift == "scale_shift",
@@ -469,8 +480,8 @@ class UNet2DConditionModel(nn.Module):
         for i, kind in enumerate(self.down_block_types):
             x, block_skips = DownBlock(
                 channels[i], layers[i], heads[i] if kind == CROSS_ATTN_DOWN else 0, transformer_layers[i],
-                add_downsample=i < n - 1, downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
-                **shared)(x, temb, context, deterministic)
+                add_downsample=i < n - 1, downsample_padding=self.downsample_padding,
+                only_cross_attention=only_cross[i], name=f"down_blocks_{i}", **shared)(x, temb, context, deterministic)
             x = _constrain(x)
             skips.extend(block_skips)
 
@@ -482,7 +493,8 @@ class UNet2DConditionModel(nn.Module):
             level = n - 1 - i
             count = layers[level] + 1
             x = UpBlock(channels[level], count, heads[level] if kind == CROSS_ATTN_UP else 0,
-                        transformer_layers[level], add_upsample=i < n - 1, name=f"up_blocks_{i}", **shared)(
+                        transformer_layers[level], add_upsample=i < n - 1, only_cross_attention=only_cross[level],
+                        name=f"up_blocks_{i}", **shared)(
                 x, skips[-count:], temb, context, deterministic)
             x = _constrain(x)
             skips = skips[:-count]

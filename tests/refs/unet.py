@@ -29,6 +29,11 @@ SD2_TINY = dict(
 # SD 2.x layout plus the pooled-text embedding added to the time embedding (addition_embed_type='text').
 TEXT_TIME_TINY = dict(SD2_TINY, addition_embed_type="text", addition_embed_type_num_heads=4)
 
+# Transformers at both levels, the first attention of level 0's a second cross-attention (only_cross_attention):
+# diffusers reverses the per-block flags for the up path, so a flag read at the wrong level changes the output.
+ONLY_CROSS_TINY = dict(SD2_TINY, down_block_types=("CrossAttnDownBlock2D",) * 2,
+                       up_block_types=("CrossAttnUpBlock2D",) * 2, only_cross_attention=(True, False))
+
 # Stable Diffusion 1.5's unet/config.json (numerics-relevant keys).
 SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4,
