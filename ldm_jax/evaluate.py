@@ -8,7 +8,8 @@ Generates one image for each of the first ``--count`` test-split captions
 colour, shape, size and position back with
 ``ldm_jax.evaluation.shapes_checker`` and reports the fraction right per
 attribute, for all prompts, for the held-out pairs alone and for each shape
-size. As a floor it
+size, and per size which shape the checker read for each prompted one (of
+the samples and of the reconstructions: "shape_confusion"). As a floor it
 scores unconditional samples (guidance 1.0, empty prompts, same seeds)
 against the same captions; as ceilings, the checker on the real test images
 and on their reconstructions by the checkpoint's VAE (posterior mean, encoded
@@ -94,15 +95,26 @@ SUBSETS = {"held_out": lambda target: target["held_out"],
            **{size: (lambda target, size=size: target["size"] == size) for size in shapes.SIZES}}
 
 
-def score(images: np.ndarray, targets: list[dict]) -> dict[str, dict[str, float]]:
-    """Accuracy per attribute on all images and on each of :data:`SUBSETS` that has images."""
-    predictions = shapes_checker.classify_batch(images)
+def score(predictions: list[dict], targets: list[dict]) -> dict[str, dict[str, float]]:
+    """Accuracy per attribute of the checker's ``predictions`` on all images and on each of :data:`SUBSETS` that
+    has images."""
     report = {"all": shapes_checker.accuracy(predictions, targets)}
     for name, member in SUBSETS.items():
         chosen = [i for i, target in enumerate(targets) if member(target)]
         if chosen:
             report[name] = shapes_checker.accuracy([predictions[i] for i in chosen], [targets[i] for i in chosen])
     return report
+
+
+def shape_confusion(predictions: list[dict], targets: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per shape size that occurs: how often each prompted shape was read as each shape."""
+    by_size = {}
+    for size in shapes.SIZES:
+        chosen = [i for i, target in enumerate(targets) if target["size"] == size]
+        if chosen:
+            by_size[size] = shapes_checker.confusion([predictions[i] for i in chosen],
+                                                     [targets[i] for i in chosen], "shape")
+    return by_size
 
 
 def evaluate(workdir: str, step: int | None = None) -> dict:
@@ -113,12 +125,17 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
     targets = [{k: e[k] for k in (*shapes_checker.ATTRIBUTES, "held_out")} for e in examples]
     prompts = [e["caption"] for e in examples]
     real = np.stack([e["image"] for e in examples])
-    conditional = generate(pipe, prompts, _GUIDANCE.value, _SEED.value, _BATCH.value, real, _STRENGTH.value)
-    unconditional = generate(pipe, [""] * len(prompts), 1.0, _SEED.value, _BATCH.value, real, _STRENGTH.value)
+    images = {"conditional": generate(pipe, prompts, _GUIDANCE.value, _SEED.value, _BATCH.value, real,
+                                      _STRENGTH.value),
+              "unconditional": generate(pipe, [""] * len(prompts), 1.0, _SEED.value, _BATCH.value, real,
+                                        _STRENGTH.value),
+              "real_images": real, "vae_reconstructions": reconstruct(pipe, real, _BATCH.value)}
+    predictions = {name: shapes_checker.classify_batch(batch) for name, batch in images.items()}
     return {"step": step, "count": len(prompts), "guidance": _GUIDANCE.value, "steps": _STEPS.value,
-            "sampler": _SAMPLER.value, "strength": _STRENGTH.value, "conditional": score(conditional, targets),
-            "unconditional": score(unconditional, targets), "real_images": score(real, targets),
-            "vae_reconstructions": score(reconstruct(pipe, real, _BATCH.value), targets)}
+            "sampler": _SAMPLER.value, "strength": _STRENGTH.value,
+            **{name: score(predicted, targets) for name, predicted in predictions.items()},
+            "shape_confusion": {name: shape_confusion(predictions[name], targets)
+                                for name in ("conditional", "vae_reconstructions")}}
 
 
 def print_table(report: dict) -> None:
@@ -128,6 +145,12 @@ def print_table(report: dict) -> None:
     for name in ("conditional", "unconditional", "real_images", "vae_reconstructions"):
         for subset, row in report[name].items():
             print(f"{name + ' / ' + subset:34s}" + "".join(f"{100 * row[c]:9.1f}%" for c in columns))
+    print("\nshapes read (columns) for each prompted shape (rows):")
+    for name, by_size in report["shape_confusion"].items():
+        for size, table in by_size.items():
+            print(f"{name + ' / ' + size:34s}" + "".join(f"{read:>10s}" for read in shapes.SHAPES))
+            for prompted, row in table.items():
+                print(f"{'  ' + prompted:34s}" + "".join(f"{row[read]:10d}" for read in shapes.SHAPES))
 
 
 def main(argv: list[str]) -> None:

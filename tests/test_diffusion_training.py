@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import diffusers
 import jax
@@ -136,6 +137,14 @@ def test_evaluate_scores_samples_floor_and_ceilings(chain):
         for subset in report[name]:
             assert all(0.0 <= v <= 1.0 for v in report[name][subset].values())
     assert report["real_images"]["all"]["all"] == 1.0  # the checker reads these four test images right
+    for name in ("conditional", "vae_reconstructions"):  # every prompt counted once, under its size and shape
+        counts = {size: sum(n for row in table.values() for n in row.values())
+                  for size, table in report["shape_confusion"][name].items()}
+        assert counts == dict(Counter(shapes.example("test", i)["size"] for i in range(4)))
+        for size, table in report["shape_confusion"][name].items():
+            read_right = sum(table[shape][shape] for shape in table) / counts[size]
+            assert read_right == pytest.approx(report[name][size]["shape"])
+    assert "shapes read (columns)" in done.stdout
     # A 2-step VAE reconstructs nothing recognisable: far below the real images.
     assert report["vae_reconstructions"]["all"]["all"] < 1.0
 

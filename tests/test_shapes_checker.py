@@ -1,5 +1,5 @@
 """The ldm_shapes attribute checker (ldm_jax.evaluation.shapes_checker): accuracy on real dataset images, clean
-and degraded; valid answers on images with no shape; the accuracy arithmetic; input dtype and size invariance.
+and degraded; valid answers on images with no shape; the accuracy and confusion arithmetic; input dtype and size invariance.
 """
 
 import numpy as np
@@ -8,7 +8,7 @@ from PIL import Image
 
 from ldm_jax.data import shapes
 from ldm_jax.evaluation import shapes_checker
-from ldm_jax.evaluation.shapes_checker import ATTRIBUTES, accuracy, classify, classify_batch, validate
+from ldm_jax.evaluation.shapes_checker import ATTRIBUTES, accuracy, classify, classify_batch, confusion, validate
 
 VALUES = {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "size": shapes.SIZES, "position": shapes.POSITIONS}
 
@@ -80,6 +80,20 @@ def test_accuracy_counts_each_attribute_and_all():
         accuracy(predictions, targets[:3])
     with pytest.raises(ValueError):
         accuracy([], [])
+
+
+def test_confusion_counts_what_each_target_value_was_read_as():
+    targets = [dict(shape="star"), dict(shape="star"), dict(shape="star"), dict(shape="cross")]
+    predictions = [dict(shape="circle"), dict(shape="star"), dict(shape="circle"), dict(shape="cross")]
+    table = confusion(predictions, targets, "shape")
+    assert list(table) == list(shapes.SHAPES) and all(list(row) == list(shapes.SHAPES) for row in table.values())
+    assert table["star"] == dict(circle=2, square=0, triangle=0, star=1, cross=0)
+    assert table["cross"]["cross"] == 1 and sum(table["circle"].values()) == 0
+    assert sum(sum(row.values()) for row in table.values()) == len(targets)
+    with pytest.raises(ValueError, match="hue"):
+        confusion(predictions, targets, "hue")
+    with pytest.raises(ValueError):
+        confusion(predictions, targets[:3], "shape")
 
 
 def test_dtypes_and_sizes_agree(images):
