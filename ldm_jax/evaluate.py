@@ -110,7 +110,7 @@ def shape_confusion(predictions: list[dict], targets: list[dict]) -> dict[str, d
     """Per shape size that occurs: how often each prompted shape was read as each shape."""
     by_size = {}
     for size in shapes.SIZES:
-        chosen = [i for i, target in enumerate(targets) if target["size"] == size]
+        chosen = [i for i, target in enumerate(targets) if SUBSETS[size](target)]
         if chosen:
             by_size[size] = shapes_checker.confusion([predictions[i] for i in chosen],
                                                      [targets[i] for i in chosen], "shape")

@@ -1,5 +1,6 @@
 """The ldm_shapes attribute checker (ldm_jax.evaluation.shapes_checker): accuracy on real dataset images, clean
-and degraded; valid answers on images with no shape; the accuracy and confusion arithmetic; input dtype and size invariance.
+and degraded; valid answers on images with no shape; the accuracy and confusion arithmetic; input dtype and size
+invariance.
 """
 
 import numpy as np
