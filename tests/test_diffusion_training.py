@@ -1,6 +1,7 @@
 """Stage 2: the loss against diffusers' training recipe, and the whole chain (stage 1 -> cache -> stage 2) on tiny."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,7 +26,8 @@ from ldm_jax.pipeline import init_inputs
 from ldm_jax.train import run
 from ldm_jax import parallel
 from ldm_jax.training import checkpoints, diffusion_loop, diffusion_state
-from ldm_jax.training.diffusion_step import DiffusionTask, diffusion_loss, drop_captions, loss_weights
+from ldm_jax.training.diffusion_step import (DiffusionTask, diffusion_loss, drop_captions, loss_weights,
+                                             sample_timesteps)
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
 
@@ -74,6 +76,18 @@ def test_loss_matches_the_diffusers_training_recipe(prediction_type, gamma):
     else:
         weights = np.ones(4)
     np.testing.assert_allclose(float(loss), (weights * mse).mean(), rtol=2e-5)
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (0.5, 0.7)])
+def test_logit_normal_timesteps_follow_their_density(mean, std):
+    """The empirical CDF of 200k draws against P(t < k) = P(sigmoid(mean + std * n) < k / T), from math.erf."""
+    t = np.asarray(sample_timesteps(jax.random.key(0), 200_000, 1000, "logit_normal", mean, std))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+    for k in (50, 200, 500, 800, 950):
+        expected = 0.5 * (1 + math.erf((math.log(k / (1000 - k)) - mean) / (std * math.sqrt(2))))
+        assert abs((t < k).mean() - expected) < 0.005, (k, (t < k).mean(), expected)
+    with pytest.raises(ValueError, match="unknown timestep sampling 'cosine'; known: \\['uniform', 'logit_normal'\\]"):
+        sample_timesteps(jax.random.key(0), 4, 1000, "cosine")
 
 
 def test_caption_dropout_replaces_that_fraction_with_the_empty_prompt():
@@ -267,14 +281,19 @@ def test_logged_metrics_are_the_values_of_their_steps(chain, tmp_path):
 
 def test_run_config_speed_settings_reach_the_stage_2_modules(chain):
     """attention_impl reaches the U-Net, the text encoder and the sampling VAE; remat_policy the U-Net; bfloat16
-    the compute dtype. No params change: stage 2 builds its modules from the same configs."""
+    the compute dtype; the EMA warmup and timestep sampling the step. No params change: stage 2 builds its modules
+    from the same configs."""
     _, workdir, data_dir = chain
     config = _config(data_dir, stages="diffusion", attention_impl="xla",
-                     diffusion={**_DIFFUSION, "remat_policy": "full", "dtype": "bfloat16"})
+                     diffusion={**_DIFFUSION, "remat_policy": "full", "dtype": "bfloat16", "ema_warmup": False,
+                                "timestep_sampling": "logit_normal", "timestep_logit_mean": 0.3,
+                                "timestep_logit_std": 0.8})
     stage, _ = diffusion_loop.setup(config, workdir)
     for module in (stage.task.unet, stage.task.text_encoder, stage.models.unet, stage.models.vae):
         assert module.attention_impl == "xla" and module.dtype == jnp.bfloat16
     assert stage.task.unet.remat_policy == "full"
+    task = stage.task
+    assert (task.ema_warmup, task.timestep_sampling, task.logit_mean, task.logit_std) == (False, "logit_normal", 0.3, 0.8)
     assert stage.configs["unet"] == config.unet.to_dict()  # the saved diffusers config holds neither setting
 
 

@@ -52,6 +52,9 @@ def test_configs_build_and_lock():
      "diffusion.sample_prompts must name the sample grid's prompts for data.source 'folder'"),
     (dict(attention_impl="flash"), "unknown attention_impl 'flash'; choose one of"),
     (dict(diffusion=dict(remat_policy="some")), r"diffusion.remat_policy must be one of \['none', 'full'.*got 'some'"),
+    (dict(diffusion=dict(timestep_sampling="cosine")),
+     r"diffusion.timestep_sampling must be one of \['uniform', 'logit_normal'\], got 'cosine'"),
+    (dict(diffusion=dict(timestep_logit_std=0.0)), r"diffusion.timestep_logit_std must be positive, got 0.0"),
     (dict(diffusion=dict(state_layout="tiled")),
      r"diffusion.state_layout must be one of \['auto', 'default'\], got 'tiled'"),
 ])

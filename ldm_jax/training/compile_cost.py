@@ -42,7 +42,9 @@ def build_task(config: Mapping[str, Any], dtype: str) -> tuple[DiffusionTask, di
     task = DiffusionTask(unet=modules["unet"], text_encoder=modules["text_encoder"], vae=None, scheduler=scheduler,
                          scale_factor=scaling_factor(configs["vae"]), caption_dropout=settings["caption_dropout"],
                          min_snr_gamma=settings["min_snr_gamma"], train_text_encoder=settings["train_text_encoder"],
-                         ema_decay=settings["ema_decay"], ema_warmup=settings["ema_warmup"])
+                         ema_decay=settings["ema_decay"], ema_warmup=settings["ema_warmup"],
+                         timestep_sampling=settings["timestep_sampling"], logit_mean=settings["timestep_logit_mean"],
+                         logit_std=settings["timestep_logit_std"])
     return task, configs, settings
 
 

@@ -83,7 +83,9 @@ def setup(config: Mapping[str, Any], workdir: str) -> tuple[Stage2, dict[str, An
     task = DiffusionTask(unet=modules["unet"], text_encoder=modules["text_encoder"], vae=None,
                          scheduler=models.scheduler, scale_factor=manifest["scale_factor"],
                          caption_dropout=d["caption_dropout"], min_snr_gamma=d["min_snr_gamma"],
-                         train_text_encoder=d["train_text_encoder"], ema_decay=d["ema_decay"])
+                         train_text_encoder=d["train_text_encoder"], ema_decay=d["ema_decay"],
+                         ema_warmup=d["ema_warmup"], timestep_sampling=d["timestep_sampling"],
+                         logit_mean=d["timestep_logit_mean"], logit_std=d["timestep_logit_std"])
     params = None if pretrained is None else {n: pretrained.params[n] for n in ("unet", "text_encoder")}
     return Stage2(configs, models, task, vae, tokenizer, max_length, params), manifest
 

@@ -4,7 +4,9 @@ Per step, with ``rng_k = fold_in(rng, step)``: latents ``z0 = z * scale`` (drawn
 from cached posterior moments, or encoded on the fly from images by the
 frozen VAE), captions dropped to the empty prompt with probability
 ``caption_dropout`` (so classifier-free guidance has an unconditional model),
-``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, ``z_t = add_noise(z0, eps, t)`` and the
+``t ~ U{0..T-1}`` (or logit-normal, ``t = floor(T * sigmoid(m + s * n))``
+with ``n ~ N(0, 1)``, which trains the middle of the schedule more: Esser
+et al. 2024), ``eps ~ N(0, I)``, ``z_t = add_noise(z0, eps, t)`` and the
 loss ``mean_b w_b * mean |model(z_t, t, text) - target|^2`` with the target
 eps, v or z0 per the schedule's prediction type and ``w_b`` 1 or the
 min-SNR-gamma weight (Hang et al. 2023).
@@ -29,8 +31,10 @@ class DiffusionTask:
 
     ``train_text_encoder`` puts the text encoder's params among the trained
     ones (the LDM paper's choice) instead of the frozen ones (SD's).
-    ``min_snr_gamma`` 0 means unweighted MSE. ``vae`` is only used when
-    batches hold images rather than cached moments.
+    ``min_snr_gamma`` 0 means unweighted MSE. ``timestep_sampling`` is
+    'uniform' or 'logit_normal' (with ``logit_mean`` and ``logit_std``; see
+    ``sample_timesteps``). ``vae`` is only used when batches hold images
+    rather than cached moments.
     """
     unet: nn.Module
     text_encoder: nn.Module
@@ -42,6 +46,9 @@ class DiffusionTask:
     train_text_encoder: bool = False
     ema_decay: float = 0.9999
     ema_warmup: bool = True
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     @property
     def schedule(self) -> sched.NoiseSchedule:
@@ -67,6 +74,26 @@ def loss_weights(schedule: sched.NoiseSchedule, t: jax.Array, gamma: float) -> j
     if schedule.prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     return clipped
+
+
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def sample_timesteps(rng: jax.Array, size: int, num_timesteps: int, sampling: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
+    """``size`` training timesteps (int32) in ``[0, num_timesteps)``: uniform, or logit-normal.
+
+    Logit-normal draws ``t = floor(T * sigmoid(logit_mean + logit_std * n))``
+    with ``n ~ N(0, 1)`` (SD3's timestep density, Esser et al. 2024): fewer
+    steps at the ends of the schedule, more in the middle, where an image's
+    shapes are resolved; ``logit_mean`` > 0 shifts them towards noise.
+    """
+    if sampling == "uniform":
+        return jax.random.randint(rng, (size,), 0, num_timesteps)
+    if sampling != "logit_normal":
+        raise ValueError(f"unknown timestep sampling {sampling!r}; known: {list(TIMESTEP_SAMPLING)}")
+    u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (size,), jnp.float32))
+    return jnp.minimum(jnp.floor(u * num_timesteps).astype(jnp.int32), num_timesteps - 1)
 
 
 def sample_latents(batch: Mapping[str, jax.Array], rng: jax.Array, scale_factor: float) -> jax.Array:
@@ -103,7 +130,8 @@ def diffusion_loss(task: DiffusionTask, params: Mapping[str, Any], frozen: Mappi
     ids = drop_captions(batch["input_ids"], batch["empty_ids"], task.caption_dropout, drop_rng)
     text_params = params["text_encoder"] if task.train_text_encoder else frozen["text_encoder"]
     context = task.text_encoder.apply({"params": text_params}, ids)[0]
-    t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_train_timesteps)
+    t = sample_timesteps(t_rng, z0.shape[0], schedule.num_train_timesteps, task.timestep_sampling,
+                         task.logit_mean, task.logit_std)
     noise = jax.random.normal(noise_rng, z0.shape, jnp.float32)
     z_t = sched.add_noise(schedule, z0, noise, t)
     prediction = task.unet.apply({"params": params["unet"]}, z_t, t, context)

@@ -35,6 +35,7 @@ from ldm_jax.data.config import data_config
 from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import REMAT_POLICIES
 from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
+from ldm_jax.training.diffusion_step import TIMESTEP_SAMPLING
 from ldm_jax.training.nonfinite import POLICIES
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS, check_state_layout
 
@@ -78,6 +79,9 @@ DIFFUSION_DEFAULTS = dict(
     optimizer=dict(OPTIMIZER_DEFAULTS, learning_rate=1e-4, weight_decay=0.01, grad_clip=1.0, warmup_steps=100),
     caption_dropout=0.1,     # fraction of captions replaced by the empty prompt (for classifier-free guidance)
     min_snr_gamma=0.0,       # 0: plain MSE; e.g. 5.0: min-SNR-gamma weighting
+    timestep_sampling="uniform",  # or 'logit_normal': t = T * sigmoid(N(timestep_logit_mean, timestep_logit_std))
+    timestep_logit_mean=0.0,
+    timestep_logit_std=1.0,
     train_text_encoder=False,  # True: train it jointly (LDM); False: frozen (Stable Diffusion)
     ema_decay=0.9999,        # 0: no EMA
     ema_warmup=True,         # decay min(ema_decay, (1 + step) / (10 + step))
@@ -201,6 +205,11 @@ def validate(config: Mapping[str, Any]) -> None:
             raise ValueError(f"{section}.nan_policy must be one of {POLICIES}, got "
                              f"{config[section]['nan_policy']!r}")
     d = config["diffusion"]
+    if d["timestep_sampling"] not in TIMESTEP_SAMPLING:
+        raise ValueError(f"diffusion.timestep_sampling must be one of {list(TIMESTEP_SAMPLING)}, got "
+                         f"{d['timestep_sampling']!r}")
+    if not d["timestep_logit_std"] > 0:
+        raise ValueError(f"diffusion.timestep_logit_std must be positive, got {d['timestep_logit_std']}")
     if ("diffusion" in stages(config) and d["sample_every"] >= 0 and list(d["sample_prompts"]) == [""]
             and config["data"]["source"] != "shapes"):
         raise ValueError(f"diffusion.sample_prompts must name the sample grid's prompts for data.source "
