@@ -4,8 +4,8 @@ r"""The CPU demo: a text-to-image latent diffusion model trained from nothing on
 
 Stages, each resumed if the workdir already has it: (1) an f=4 AutoencoderKL
 (64x64x3 images -> 16x16x4 latents; L1 + KL, with a PatchGAN for the last third), (2) the latent
-cache of the 20k training images, (3) a text-conditioned U-Net (v-prediction, plain MSE, EMA) under
-a frozen, randomly initialised 2-layer text encoder, with sample grids of
+cache of the 20k training images, (3) a text-conditioned U-Net (v-prediction, plain MSE, logit-normal
+timesteps, EMA) under a frozen, randomly initialised 2-layer text encoder, with sample grids of
 held-out prompts. Then score prompt following:
 
     python -m ldm_jax.evaluate --checkpoint runs/base
@@ -68,6 +68,12 @@ DIFFUSION = dict(
                                               warmup_steps=100, schedule="cosine", end_factor=0.1),
     # Plain v-prediction MSE, no min-SNR weighting: min-SNR-5 gives the high-noise steps, where the layout is
     # decided, an x0 weight of min(snr, 5) (0.005 at t = 999), and position stayed at chance (20% vs 99%).
+    # Timesteps t = 1000 * sigmoid(n), n ~ N(1, 1), not uniform: few below t = 300, the middle and the noisy end
+    # trained more. Over three seeds each (stage 2 alone on one 8-channel VAE), the checker read shape right 40.3%
+    # of the time against 30.3% with uniform timesteps, colour 94.5 vs 88.8%, position 84.3 vs 74.2%. Centred on
+    # t = 500 (n ~ N(0, 1) or N(0.5, 1)), shape rose as much but position fell to chance (20-25%): the layout is
+    # decided at the noisy end, above t = 900, which those hardly train (README "Results").
+    timestep_sampling="logit_normal", timestep_logit_mean=1.0, timestep_logit_std=1.0,
     caption_dropout=0.1, ema_decay=0.999, log_every=100, checkpoint_every=800,
     sample_every=800, sample_steps=25, guidance_scale=4.0,  # evaluate's default too: it followed prompts best
     # Frozen: trained jointly, the text encoder learned to mute the position words (their effect on its
