@@ -86,7 +86,7 @@ def test_logit_normal_timesteps_follow_their_density(mean, std):
     for k in (50, 200, 500, 800, 950):
         expected = 0.5 * (1 + math.erf((math.log(k / (1000 - k)) - mean) / (std * math.sqrt(2))))
         assert abs((t < k).mean() - expected) < 0.005, (k, (t < k).mean(), expected)
-    with pytest.raises(ValueError, match="unknown timestep sampling 'cosine'; known: \\['uniform', 'logit_normal'\\]"):
+    with pytest.raises(ValueError, match=r"unknown timestep sampling 'cosine'; known: \['uniform', 'logit_normal'\]"):
         sample_timesteps(jax.random.key(0), 4, 1000, "cosine")
 
 
@@ -293,7 +293,8 @@ def test_run_config_speed_settings_reach_the_stage_2_modules(chain):
         assert module.attention_impl == "xla" and module.dtype == jnp.bfloat16
     assert stage.task.unet.remat_policy == "full"
     task = stage.task
-    assert (task.ema_warmup, task.timestep_sampling, task.logit_mean, task.logit_std) == (False, "logit_normal", 0.3, 0.8)
+    assert (task.ema_warmup, task.timestep_sampling, task.logit_mean, task.logit_std) == (
+        False, "logit_normal", 0.3, 0.8)
     assert stage.configs["unet"] == config.unet.to_dict()  # the saved diffusers config holds neither setting
 
 
