@@ -16,7 +16,7 @@ from ldm_jax.diffusion.sampling import Models
 from ldm_jax.models.vae import scaling_factor
 from ldm_jax.pipeline import build_modules
 from ldm_jax.training import diffusion_state
-from ldm_jax.training.diffusion_step import DiffusionTask
+from ldm_jax.training.diffusion_step import DiffusionTask, task_from_settings
 from ldm_jax.training.run_config import DIFFUSION_DEFAULTS
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS, make_optimizer
 
@@ -39,12 +39,8 @@ def build_task(config: Mapping[str, Any], dtype: str) -> tuple[DiffusionTask, di
     modules = build_modules(configs, jnp.dtype(dtype))
     scheduler = Models.create(modules["unet"], modules["vae"], modules["text_encoder"], configs["scheduler"],
                               1.0).scheduler
-    task = DiffusionTask(unet=modules["unet"], text_encoder=modules["text_encoder"], vae=None, scheduler=scheduler,
-                         scale_factor=scaling_factor(configs["vae"]), caption_dropout=settings["caption_dropout"],
-                         min_snr_gamma=settings["min_snr_gamma"], train_text_encoder=settings["train_text_encoder"],
-                         ema_decay=settings["ema_decay"], ema_warmup=settings["ema_warmup"],
-                         timestep_sampling=settings["timestep_sampling"], logit_mean=settings["timestep_logit_mean"],
-                         logit_std=settings["timestep_logit_std"])
+    task = task_from_settings(modules["unet"], modules["text_encoder"], scheduler, scaling_factor(configs["vae"]),
+                              settings)
     return task, configs, settings
 
 

@@ -30,7 +30,7 @@ from ldm_jax.images import make_grid
 from ldm_jax.models.clip import tokenize
 from ldm_jax.pipeline import Pipeline, build_modules
 from ldm_jax.training import checkpoints, diffusion_state
-from ldm_jax.training.diffusion_step import DiffusionTask
+from ldm_jax.training.diffusion_step import DiffusionTask, task_from_settings
 from ldm_jax.training.latent_cache import cache_folder, ensure_latents
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter
 from ldm_jax.training.nonfinite import NonFiniteTracker
@@ -80,12 +80,7 @@ def setup(config: Mapping[str, Any], workdir: str) -> tuple[Stage2, dict[str, An
                             remat_policy=d["remat_policy"])
     models = Models.create(modules["unet"], modules["vae"], modules["text_encoder"], configs["scheduler"],
                            manifest["scale_factor"])
-    task = DiffusionTask(unet=modules["unet"], text_encoder=modules["text_encoder"], vae=None,
-                         scheduler=models.scheduler, scale_factor=manifest["scale_factor"],
-                         caption_dropout=d["caption_dropout"], min_snr_gamma=d["min_snr_gamma"],
-                         train_text_encoder=d["train_text_encoder"], ema_decay=d["ema_decay"],
-                         ema_warmup=d["ema_warmup"], timestep_sampling=d["timestep_sampling"],
-                         logit_mean=d["timestep_logit_mean"], logit_std=d["timestep_logit_std"])
+    task = task_from_settings(modules["unet"], modules["text_encoder"], models.scheduler, manifest["scale_factor"], d)
     params = None if pretrained is None else {n: pretrained.params[n] for n in ("unet", "text_encoder")}
     return Stage2(configs, models, task, vae, tokenizer, max_length, params), manifest
 

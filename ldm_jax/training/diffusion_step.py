@@ -76,6 +76,17 @@ def loss_weights(schedule: sched.NoiseSchedule, t: jax.Array, gamma: float) -> j
     return clipped
 
 
+def task_from_settings(unet: nn.Module, text_encoder: nn.Module, scheduler: tuple[tuple[str, Any], ...],
+                       scale_factor: float, settings: Mapping[str, Any]) -> DiffusionTask:
+    """The stage-2 task of these modules under a run config's ``diffusion`` section (loss, EMA, timesteps)."""
+    return DiffusionTask(unet=unet, text_encoder=text_encoder, vae=None, scheduler=scheduler,
+                         scale_factor=scale_factor, caption_dropout=settings["caption_dropout"],
+                         min_snr_gamma=settings["min_snr_gamma"], train_text_encoder=settings["train_text_encoder"],
+                         ema_decay=settings["ema_decay"], ema_warmup=settings["ema_warmup"],
+                         timestep_sampling=settings["timestep_sampling"], logit_mean=settings["timestep_logit_mean"],
+                         logit_std=settings["timestep_logit_std"])
+
+
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
