@@ -35,6 +35,17 @@ def test_configs_build_and_lock():
         config.diffusion.step = 3  # locked: a misspelt key is an error, not a new key
 
 
+def test_base_variants_build():
+    """configs/base.py:f2 swaps in its f=2 VAE, 32x32 U-Net and zero-terminal-SNR schedule; unknown variants fail."""
+    f2 = base.get_config("f2")
+    factor = 2 ** (len(f2.vae.block_out_channels) - 1)
+    assert (factor, f2.unet.sample_size, f2.image_size // factor) == (2, 32, 32)
+    assert (f2.scheduler.rescale_betas_zero_snr, f2.scheduler.timestep_spacing) == (True, "trailing")
+    assert (f2.diffusion.steps, f2.workdir) == (3000, "runs/base_f2")
+    with pytest.raises(ValueError, match="unknown variant 'f4' of configs/base.py; the variants are 'quick' and 'f2'"):
+        base.get_config("f4")
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(diffusion=dict(stepz=3)), r"unknown diffusion config key\(s\) \['stepz'\]"),
     (dict(autoencoder=dict(optimizer=dict(lr=1.0))), r"unknown autoencoder.optimizer config key\(s\) \['lr'\]"),
