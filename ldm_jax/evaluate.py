@@ -21,6 +21,12 @@ from its real test image instead of from noise: img2img, the image noised to
 the last ``int(steps * S)`` sampler steps and denoised. Scored against the
 reconstructions, it shows at which noise levels a model loses an attribute
 (README "Results"); the report is then ``eval_step_<step>_strength_<S>.json``.
+
+``--steering`` instead measures how far the shape word steers the model at
+each of ``--steering_timesteps`` (``ldm_jax.evaluation.word_steering``:
+one-step predictions from the real test images noised to t, under their own
+caption, a caption with another shape word, and the empty prompt); the report
+is ``eval_step_<step>_steering.json``.
 """
 
 import json
@@ -33,7 +39,7 @@ from absl import app, flags, logging
 
 from ldm_jax.data import shapes
 from ldm_jax.diffusion.sampling import sample_fn
-from ldm_jax.evaluation import shapes_checker
+from ldm_jax.evaluation import shapes_checker, word_steering
 from ldm_jax.models.clip import tokenize
 from ldm_jax.training import checkpoints
 
@@ -51,6 +57,9 @@ _STRENGTH = flags.DEFINE_float("strength", 1.0, "Below 1: img2img from the real 
 flags.register_validator("strength", lambda value: value > 0.0, message="--strength must be in (0, 1]")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the starting noise.")
 _EMA = flags.DEFINE_bool("ema", True, "Use the EMA U-Net params when the checkpoint has them.")
+_STEERING = flags.DEFINE_bool("steering", False, "Measure how far the shape word steers one-step predictions instead.")
+_STEERING_TIMESTEPS = flags.DEFINE_list("steering_timesteps", [str(t) for t in range(100, 1000, 100)],
+                                        "Noise levels of --steering.")
 
 
 def generate(pipe, prompts: list[str], guidance: float, seed: int, batch: int,
@@ -138,6 +147,40 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
                                 for name in ("conditional", "vae_reconstructions")}}
 
 
+def evaluate_steering(workdir: str, step: int | None = None) -> dict:
+    """The --steering report: `word_steering.steering` on the first --count test images, batch by batch."""
+    step = checkpoints.resolve_step(workdir, step)
+    pipe = checkpoints.load_pipeline(workdir, step, use_ema=_EMA.value)
+    try:
+        timesteps = [int(t) for t in _STEERING_TIMESTEPS.value]
+    except ValueError:
+        raise ValueError(f"--steering_timesteps must be integers, got {_STEERING_TIMESTEPS.value}") from None
+    top = pipe.models.scheduler_config.get("num_train_timesteps", 1000)
+    if not timesteps or not all(0 <= t < top for t in timesteps):
+        raise ValueError(f"--steering_timesteps must lie in [0, {top}), got {timesteps}")
+    examples = [shapes.example("test", i) for i in range(_COUNT.value)]
+    parts = [word_steering.steering(pipe, examples[i:i + _BATCH.value], timesteps, "shape", _GUIDANCE.value,
+                                    _SEED.value + i) for i in range(0, len(examples), _BATCH.value)]
+    sizes = [[e["size"] for e in examples[i:i + _BATCH.value]] for i in range(0, len(examples), _BATCH.value)]
+    report = {}
+    for subset in ("all", *shapes.SIZES):  # batch fractions weighted by their counts in the subset
+        weights = [len(s) if subset == "all" else s.count(subset) for s in sizes]
+        if sum(weights):
+            report[subset] = {str(t): {p: sum(w * part[subset][str(t)][p] for w, part in zip(weights, parts)
+                                              if w) / sum(weights) for p in word_steering.PROMPTS}
+                              for t in timesteps}
+    return {"step": step, "count": len(examples), "guidance": _GUIDANCE.value, "attribute": "shape",
+            "steering": report}
+
+
+def print_steering(report: dict) -> None:
+    """The --steering report as a table: a row per subset and noise level."""
+    print(f"{'shape word, step ' + str(report['step']):34s}" + "".join(f"{p:>10s}" for p in word_steering.PROMPTS))
+    for subset, rows in report["steering"].items():
+        for t, row in rows.items():
+            print(f"{subset + ' / t = ' + t:34s}" + "".join(f"{100 * row[p]:9.1f}%" for p in word_steering.PROMPTS))
+
+
 def print_table(report: dict) -> None:
     """The report as a table: rows are the image sets, columns the attributes."""
     columns = (*shapes_checker.ATTRIBUTES, "all")
@@ -157,9 +200,14 @@ def main(argv: list[str]) -> None:
     """Entry point of ``python -m ldm_jax.evaluate``."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    report = evaluate(_CHECKPOINT.value, _STEP.value)
-    print_table(report)
-    suffix = "" if report["strength"] == 1.0 else f"_strength_{report['strength']:g}"
+    if _STEERING.value:
+        report = evaluate_steering(_CHECKPOINT.value, _STEP.value)
+        print_steering(report)
+        suffix = "_steering"
+    else:
+        report = evaluate(_CHECKPOINT.value, _STEP.value)
+        print_table(report)
+        suffix = "" if report["strength"] == 1.0 else f"_strength_{report['strength']:g}"
     path = os.path.join(_CHECKPOINT.value, f"eval_step_{report['step']}{suffix}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

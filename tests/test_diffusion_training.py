@@ -20,6 +20,7 @@ from configs import sd15
 from ldm_jax.data import latents, shapes
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.diffusion.sampling import sample_fn
+from ldm_jax.evaluation import word_steering
 from ldm_jax.models.clip import CLIPTextModel
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
@@ -307,3 +308,40 @@ def test_min_snr_weights_at_a_zero_terminal_snr_are_their_limits(prediction_type
     assert np.isfinite(weights).all()
     assert weights[2] == limit
     assert 0.0 < weights[1] <= 1.0
+
+
+def test_swap_word_changes_only_that_attribute():
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        example = shapes.example("test", i)
+        for attribute in ("shape", "colour", "position"):
+            caption, value = word_steering.swap_word(example, attribute, rng)
+            assert value != example[attribute]
+            assert caption == shapes.caption(**{**{a: example[a] for a in ("shape", "colour", "size", "position")},
+                                                attribute: value})
+    with pytest.raises(ValueError, match="unknown attribute 'texture'"):
+        word_steering.swap_word(shapes.example("test", 0), "texture", rng)
+
+
+def test_evaluate_steering_reports_each_noise_level_and_size(chain):
+    _, workdir, _ = chain
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    command = [sys.executable, "-m", "ldm_jax.evaluate", "--checkpoint", workdir, "--count", "3", "--batch", "2",
+               "--steering"]
+    done = subprocess.run([*command, "--steering_timesteps", "0,500"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, "eval_step_4_steering.json")) as f:
+        report = json.load(f)
+    sizes = [shapes.example("test", i)["size"] for i in range(3)]
+    assert set(report["steering"]) == {"all", *sizes} and report["count"] == 3
+    for subset, rows in report["steering"].items():
+        assert set(rows) == {"0", "500"}
+        count = 3 if subset == "all" else sizes.count(subset)
+        for row in rows.values():  # fractions of `count` images (3 images in batches of 2: counts weighted)
+            assert set(row) == set(word_steering.PROMPTS)
+            assert all(round(v * count, 6) == round(v * count) for v in row.values())
+    assert "all / t = 500" in done.stdout
+    bad = subprocess.run([*command, "--steering_timesteps", "1000"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert bad.returncode != 0 and "steering_timesteps must lie in [0, 1000)" in bad.stderr, bad.stderr[-2000:]
