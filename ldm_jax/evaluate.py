@@ -40,6 +40,7 @@ from absl import app, flags, logging
 from ldm_jax.data import shapes
 from ldm_jax.diffusion.sampling import sample_fn
 from ldm_jax.evaluation import shapes_checker, word_steering
+from ldm_jax.images import to_uint8
 from ldm_jax.models.clip import tokenize
 from ldm_jax.training import checkpoints
 
@@ -95,7 +96,7 @@ def reconstruct(pipe, images: np.ndarray, batch: int) -> np.ndarray:
     roundtrip = jax.jit(lambda p, x: vae.apply({"params": p}, x)[0])
     out = [np.asarray(roundtrip(params, images[i:i + batch].astype(np.float32) / 127.5 - 1.0))
            for i in range(0, len(images), batch)]
-    return np.round(np.clip((np.concatenate(out) + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return to_uint8(np.concatenate(out))
 
 
 # Subsets of the prompts scored besides all of them: the held-out colour-shape pairs, and each shape size (small
@@ -148,7 +149,7 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
 
 
 def evaluate_steering(workdir: str, step: int | None = None) -> dict:
-    """The --steering report: `word_steering.steering` on the first --count test images, batch by batch."""
+    """The --steering report: `word_steering.steering` on the first --count test images, --batch at a time."""
     step = checkpoints.resolve_step(workdir, step)
     pipe = checkpoints.load_pipeline(workdir, step, use_ema=_EMA.value)
     try:
@@ -159,16 +160,7 @@ def evaluate_steering(workdir: str, step: int | None = None) -> dict:
     if not timesteps or not all(0 <= t < top for t in timesteps):
         raise ValueError(f"--steering_timesteps must lie in [0, {top}), got {timesteps}")
     examples = [shapes.example("test", i) for i in range(_COUNT.value)]
-    parts = [word_steering.steering(pipe, examples[i:i + _BATCH.value], timesteps, "shape", _GUIDANCE.value,
-                                    _SEED.value + i) for i in range(0, len(examples), _BATCH.value)]
-    sizes = [[e["size"] for e in examples[i:i + _BATCH.value]] for i in range(0, len(examples), _BATCH.value)]
-    report = {}
-    for subset in ("all", *shapes.SIZES):  # batch fractions weighted by their counts in the subset
-        weights = [len(s) if subset == "all" else s.count(subset) for s in sizes]
-        if sum(weights):
-            report[subset] = {str(t): {p: sum(w * part[subset][str(t)][p] for w, part in zip(weights, parts)
-                                              if w) / sum(weights) for p in word_steering.PROMPTS}
-                              for t in timesteps}
+    report = word_steering.steering(pipe, examples, timesteps, "shape", _GUIDANCE.value, _SEED.value, _BATCH.value)
     return {"step": step, "count": len(examples), "guidance": _GUIDANCE.value, "attribute": "shape",
             "steering": report}
 

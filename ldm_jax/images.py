@@ -6,6 +6,11 @@ import numpy as np
 from PIL import Image
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images in the VAE's range [-1, 1] (clipped) as uint8 in [0, 255]."""
+    return np.round(np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def make_grid(images: np.ndarray) -> Image.Image:
     """Images [N, H, W, 3] in [0, 1] tiled row by row into one RGB image, ceil(sqrt(N)) columns wide."""
     n, height, width, _ = images.shape

@@ -53,7 +53,8 @@ import numpy as np
 from ldm_jax.data import shapes
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
-_VALUES = dict(zip(ATTRIBUTES, (shapes.COLOURS, shapes.SHAPES, shapes.SIZES, shapes.POSITIONS)))
+# The values each attribute can take.
+VALUES = dict(zip(ATTRIBUTES, (shapes.COLOURS, shapes.SHAPES, shapes.SIZES, shapes.POSITIONS)))
 _N = shapes.IMAGE_SIZE
 _TOP = 16  # strongest-contrast pixels whose median contrast is the shape's colour
 _GROW = 4  # pixels by which the foreground component is grown to take in blurred edges
@@ -296,7 +297,7 @@ def confusion(predictions: list[dict], targets: list[dict], attribute: str) -> d
     """How often each value of ``attribute`` in ``targets`` was read as each value: ``{target: {read: count}}``
     over all the attribute's values, zeros included (the lists as in `accuracy`; ValueError for an unknown
     attribute or lists of unequal length)."""
-    values = _VALUES.get(attribute)
+    values = VALUES.get(attribute)
     if values is None:
         raise ValueError(f"unknown attribute {attribute!r}; the attributes are {ATTRIBUTES}")
     table = {target: dict.fromkeys(values, 0) for target in values}
