@@ -5,6 +5,7 @@ No torch, no JAX at import: the benchmarks' workers of either framework use it.
 """
 
 import math
+import os
 from typing import Any
 
 # (a substring of JAX's ``device_kind``, peak dense bfloat16 FLOP/s from the vendor's data sheet); the first
@@ -70,3 +71,17 @@ def utilization(flops: float, seconds: float, peak: float | None) -> dict[str, f
     """The achieved FLOP rate of ``flops`` in ``seconds`` and the model FLOPs utilization against ``peak``."""
     achieved = flops / seconds
     return dict(achieved_flops_per_s=achieved, mfu=achieved / peak if peak else None)
+
+
+def machine() -> dict:
+    """JAX device kind, CPU model and the core count both frameworks use."""
+    import jax
+
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    return dict(device=jax.devices()[0].device_kind, cpu=cpu, cores=len(os.sched_getaffinity(0)))
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import torch
 
+from bench.hardware import load_average, machine
 from configs import sd15
 from ldm_jax import Pipeline, sample_fn
 from ldm_jax.models.clip import tokenize
@@ -133,18 +134,6 @@ def measure(runners: dict[str, Callable], repeats: int) -> dict[str, dict]:
         for name, call in runners.items():
             results[name]["times"].append(timed(call)[0])
     return results
-
-
-def machine() -> dict:
-    """JAX device kind, CPU model and the core count both frameworks use."""
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    return dict(device=jax.devices()[0].device_kind, cpu=cpu, cores=len(os.sched_getaffinity(0)))
-
-
-def load_average() -> list[float]:
-    """The 1, 5 and 15 minute load averages."""
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main(argv=None) -> dict:

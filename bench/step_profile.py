@@ -4,8 +4,10 @@ r"""Where the stage-2 train step's time goes: its device kernels, summed by kind
     python -m bench.step_profile --config tiny --out /tmp/tiny.json     # tiny models on any machine
 
 Compiles the train step of ``bench/gpu_bench.py`` (same models, batch,
-attention kernel, remat policy and state layout), runs it ``--steps`` times under
-``jax.profiler`` after two warm-up steps, and reports per step:
+attention kernel, remat policy and state layout), runs two warm-up steps and
+three unprofiled rounds of ``--steps`` steps (their median step time, with
+the model FLOPs and MFU as ``gpu_bench`` counts them), then ``--steps``
+steps under ``jax.profiler``, and reports per step:
 
 * the time of every device kernel (GPU streams; on a CPU, XLA's op events),
   and their sum against the step's wall time (the gap is the device idling);
@@ -129,9 +131,12 @@ def summarize(times: dict[str, list[float]], instructions: dict[str, dict], step
                 top_kernels=kernels[:top])
 
 
-def profile_step(compiled, args: tuple, steps: int, top: int) -> dict:
+def profile_step(compiled, args: tuple, steps: int, top: int, timed_rounds: int = 3) -> dict:
     """Profile ``steps`` calls of the compiled train step (state donated and threaded through) after two
-    warm-up calls; :func:`summarize` of its kernels."""
+    warm-up calls and ``timed_rounds`` unprofiled rounds of ``steps`` calls; :func:`summarize` of its kernels,
+    with ``timed_step_ms``, the median step time of those rounds."""
+    import statistics
+
     import jax
 
     state, *rest = args
@@ -145,18 +150,20 @@ def profile_step(compiled, args: tuple, steps: int, top: int) -> dict:
         return time.perf_counter() - start
 
     run(2)
+    timed_step_ms = statistics.median(1e3 * run(steps) / steps for _ in range(timed_rounds))
     instructions = parse_hlo(compiled.as_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             wall_s = run(steps)
         times = device_kernel_times(trace_dir, instructions)
-    return summarize(times, instructions, steps, wall_s, top)
+    return dict(summarize(times, instructions, steps, wall_s, top), timed_step_ms=timed_step_ms)
 
 
 def print_summary(record: dict) -> None:
     """The per-step totals, the time by kind and the top kernels, as text."""
-    print(f"{record['device_kind']}: step {record['step_ms']:.1f} ms (under the profiler), kernels "
-          f"{record['kernel_ms']:.1f} ms")
+    mfu = f", MFU {100 * record['mfu']:.1f}%" if record.get("mfu") else ""
+    print(f"{record['device_kind']}: step {record['timed_step_ms']:.1f} ms{mfu}; under the profiler "
+          f"{record['step_ms']:.1f} ms, kernels {record['kernel_ms']:.1f} ms")
     for kind, ms in record["kind_ms"].items():
         print(f"  {kind:12s} {ms:8.2f} ms  {100 * ms / record['kernel_ms']:5.1f}%")
     for k in record["top_kernels"]:
@@ -167,6 +174,7 @@ def print_summary(record: dict) -> None:
 def main(argv=None) -> dict:
     """Entry point of ``python -m bench.step_profile``."""
     from bench import gpu_bench
+    from bench.hardware import peak_flops, utilization
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(gpu_bench.SPECS), default="sd15")
@@ -191,6 +199,8 @@ def main(argv=None) -> dict:
                   attention_impl=impl, remat_policy=args.remat_policy, state_layout=args.state_layout,
                   batch=spec["train_batch"], compile_s=compile_s,
                   **profile_step(compiled, (state, *prepared["args"][1:]), args.steps, args.top))
+    record.update(model_flops_per_step=prepared["flops"],
+                  **utilization(prepared["flops"], record["timed_step_ms"] / 1e3, peak_flops(record["device_kind"])))
     if args.hlo_out:
         with gzip.open(args.hlo_out, "wt") as f:
             f.write(compiled.as_text())

@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.hardware import jaxpr_flops, peak_flops, utilization
-from bench.sample_bench import load_average, machine, timed
+from bench.hardware import load_average, machine
+from bench.sample_bench import timed
 from configs import base as base_config
 from configs import sd15
 from ldm_jax.diffusion import schedule as sched

@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding
 
 from ldm_jax import weights
-from ldm_jax.models.unet import UNet2DConditionModel, timestep_embedding
+from ldm_jax.models.unet import GEGLU, UNet2DConditionModel, timestep_embedding
 from tests.refs import max_rel_error, numpy_state_dict
 from tests.refs import unet as refs
 
@@ -126,6 +126,29 @@ def test_timestep_embedding_matches_diffusers():
     for dim, flip, shift in [(32, True, 0), (32, False, 1), (33, True, 1)]:
         expected = get_timestep_embedding(torch.from_numpy(t), dim, flip, shift).numpy()
         np.testing.assert_allclose(timestep_embedding(jnp.asarray(t), dim, flip, shift), expected, atol=2e-4)
+
+
+def test_geglu_matches_diffusers_and_its_backward_concatenates_no_activations():
+    """GEGLU's kernel is applied in halves: same values and gradients as diffusers' chunked projection, and the
+    compiled gradient holds no concatenate of activation size (what the halves avoid)."""
+    from diffusers.models.activations import GEGLU as TorchGEGLU
+
+    torch.manual_seed(0)
+    reference = TorchGEGLU(32, 48)
+    x = np.random.default_rng(0).standard_normal((2, 10, 32)).astype(np.float32)
+    x_t = torch.tensor(x, requires_grad=True)
+    torch.sin(reference(x_t)).sum().backward()
+    module = GEGLU(48)
+    params = {"params": {"proj": {"kernel": jnp.asarray(reference.proj.weight.detach().numpy().T),
+                                  "bias": jnp.asarray(reference.proj.bias.detach().numpy())}}}
+    grad_fn = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x))), argnums=(0, 1)))
+    grads, grad_x = grad_fn(params, jnp.asarray(x))
+    np.testing.assert_allclose(module.apply(params, x), reference(torch.tensor(x)).detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(grad_x, x_t.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(grads["params"]["proj"]["kernel"], reference.proj.weight.grad.numpy().T, atol=1e-4)
+    hlo = grad_fn.lower(params, jnp.asarray(x)).compile().as_text()
+    concatenated = re.findall(r"= f32\[([\d,]+)\]\S* concatenate\(", hlo)
+    assert not [shape for shape in concatenated if shape.startswith("2,10,")], concatenated
 
 
 @pytest.mark.parametrize("option, value", [

