@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from ldm_jax.data import shapes
 from ldm_jax.diffusion.sampling import sample_fn
 from ldm_jax.evaluation import shapes_checker, word_steering
-from ldm_jax.images import to_uint8
+from ldm_jax.images import from_uint8, to_uint8
 from ldm_jax.models.clip import tokenize
 from ldm_jax.training import checkpoints
 
@@ -80,7 +80,7 @@ def generate(pipe, prompts: list[str], guidance: float, seed: int, batch: int,
         rng = jax.random.fold_in(jax.random.key(seed), start)
         init = {}
         if init_images is not None and strength < 1.0:
-            starts = init_images[start:start + batch].astype(np.float32) / 127.5 - 1.0
+            starts = from_uint8(init_images[start:start + batch])
             starts = jax.image.resize(starts, (len(chunk), size, size, 3), "linear")
             init = dict(init_image=jnp.pad(starts, ((0, batch - len(chunk)), (0, 0), (0, 0), (0, 0))),
                         strength=strength)
@@ -94,7 +94,7 @@ def reconstruct(pipe, images: np.ndarray, batch: int) -> np.ndarray:
     """uint8 ``images`` [N, S, S, 3] encoded to their posterior mean and decoded by the pipeline's VAE."""
     vae, params = pipe.models.vae, pipe.params["vae"]
     roundtrip = jax.jit(lambda p, x: vae.apply({"params": p}, x)[0])
-    out = [np.asarray(roundtrip(params, images[i:i + batch].astype(np.float32) / 127.5 - 1.0))
+    out = [np.asarray(roundtrip(params, from_uint8(images[i:i + batch])))
            for i in range(0, len(images), batch)]
     return to_uint8(np.concatenate(out))
 

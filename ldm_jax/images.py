@@ -6,6 +6,11 @@ import numpy as np
 from PIL import Image
 
 
+def from_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 images in [0, 255] as float32 in the VAE's range [-1, 1] (the inverse of `to_uint8`)."""
+    return np.asarray(images).astype(np.float32) / 127.5 - 1.0
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Images in the VAE's range [-1, 1] (clipped) as uint8 in [0, 255]."""
     return np.round(np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -27,7 +27,7 @@ import numpy as np
 from ldm_jax.data import shapes
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.evaluation import shapes_checker
-from ldm_jax.images import to_uint8
+from ldm_jax.images import from_uint8, to_uint8
 from ldm_jax.models.clip import tokenize
 
 PROMPTS = ("prompted", "swapped", "empty")
@@ -81,7 +81,7 @@ def one_step_images(pipe, latents: jax.Array, caption_sets: Sequence[Sequence[st
 
 def encode(pipe, images: np.ndarray) -> jax.Array:
     """The scaled posterior means of uint8 ``images`` [N, S, S, 3]: the latents `one_step_images` noises."""
-    return _encode(pipe.models, pipe.params, images.astype(np.float32) / 127.5 - 1.0)
+    return _encode(pipe.models, pipe.params, from_uint8(images))
 
 
 def _hits(pipe, examples: Sequence[dict], timesteps: Sequence[int], attribute: str, guidance: float,
