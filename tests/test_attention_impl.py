@@ -7,7 +7,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from configs import tiny
-from ldm_jax.models.attention import attention, einsum_attention, padded_keys_attention, pallas_tpu_attention
+from ldm_jax.models import attention as attention_module
+from ldm_jax.models.attention import (attention, einsum_attention, padded_keys_attention, pallas_tpu_attention,
+                                      tiled_attention)
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import build_modules, init_inputs
 
@@ -156,3 +158,38 @@ def test_pallas_tpu_kernel_values_and_gradients_match_einsum_in_interpret_mode()
     for got, want in zip(grads, expected):
         assert got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("logits_per_tile", [2 * 64 * 64, 64 * 16, 64])
+def test_tiled_attention_values_and_gradients_match_einsum(logits_per_tile):
+    """Tiles of whole sequences for two (batch, head) rows, of 16 queries for one row, and of one query: the
+    output and all three gradients equal the untiled einsum's; so do bfloat16 inputs, to bfloat16 rounding."""
+    q, k, v = (jnp.asarray(x).reshape(2, x.shape[1], 2, 8).transpose(0, 2, 1, 3) for x in _qkv(2, 64, 64, 2, 8))
+    weights = jnp.cos(jnp.arange(8.0))  # a loss whose gradient differs per output element
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * weights)
+    tiled = lambda q, k, v: tiled_attention(q, k, v, logits_per_tile)
+    for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+        args = tuple(x.astype(dtype) for x in (q, k, v))
+        value, grads = jax.jit(jax.value_and_grad(loss(tiled), argnums=(0, 1, 2)))(*args)
+        expected_value, expected = jax.value_and_grad(loss(einsum_attention), argnums=(0, 1, 2))(*args)
+        np.testing.assert_allclose(float(value), float(expected_value), rtol=tolerance)
+        for got, want in zip(grads, expected):
+            assert got.shape == want.shape and got.dtype == dtype
+            got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+            assert np.abs(got - want).max() <= tolerance * np.abs(want).max(), dtype
+
+
+def test_einsum_impl_tiles_only_large_unmasked_attention(monkeypatch):
+    """Past LOGITS_PER_TILE logits the einsum implementation runs the tiled kernel (whose output then
+    reaches attention()'s caller); masked and causal attention, and smaller calls, do not."""
+    calls = []
+    real = attention_module.tiled_attention
+    monkeypatch.setattr(attention_module, "tiled_attention", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(attention_module, "LOGITS_PER_TILE", 2 * 2 * 64 * 64 - 1)
+    q, k, v = _qkv(2, 64, 64, 2, 16)
+    out = attention(q, k, v, 2, impl="einsum")
+    assert calls == [2 * 2 * 64 * 64 - 1]
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, 2), atol=TOLERANCE)
+    attention(q, k, v, 2, is_causal=True, impl="einsum")
+    attention(q[:1], k[:1], v[:1], 2, impl="einsum")
+    assert len(calls) == 1
