@@ -2,18 +2,18 @@ r"""The CPU demo: a text-to-image latent diffusion model trained from nothing on
 
     python -m ldm_jax.train --config configs/base.py [--workdir runs/base]
 
-Stages, each resumed if the workdir already has it: (1) an f=4 AutoencoderKL
-(64x64x3 images -> 16x16x4 latents; L1 + KL, with a PatchGAN for the last third), (2) the latent
-cache of the 20k training images, (3) a text-conditioned U-Net (v-prediction, plain MSE, logit-normal
-timesteps, EMA) under a frozen, randomly initialised 2-layer text encoder, with sample grids of
-held-out prompts. Then score prompt following:
+Stages, each resumed if the workdir already has it: (1) an f=2 AutoencoderKL
+(64x64x3 images -> 32x32x4 latents; L1 + KL, with a PatchGAN for the last third), (2) the latent
+cache of the 20k training images, (3) a text-conditioned U-Net (v-prediction on a zero-terminal-SNR
+schedule, plain MSE, logit-normal timesteps, EMA) under a frozen, randomly initialised 2-layer text
+encoder, with sample grids of held-out prompts. Then score prompt following:
 
     python -m ldm_jax.evaluate --checkpoint runs/base
 
 Cost on a 2-core CPU: see README "Results". ``configs/base.py:quick`` runs every
 stage for a few steps on the 512-example build (a smoke test, about 3 minutes).
-``configs/base.py:f2`` is the candidate that follows prompts better but does not fit the
-30 minutes: an f=2 VAE (32x32x4 latents), a zero-terminal-SNR schedule, 3000 stage-2 steps.
+``configs/base.py:f4`` is the default of sessions 6-14: an f=4 VAE (16x16x4 latents) and SD's
+schedule, 2.5x faster and worse at shapes (workdir runs/base_f4).
 """
 
 import ml_collections
@@ -21,25 +21,32 @@ import ml_collections
 from configs import sd15
 from ldm_jax.training.run_config import run_config
 
+# An f=2 VAE: its reconstructions keep small shapes' shape 78% of the time (f=4: 26%) and every large star (f=4: 7
+# of 24). Without its mid-block attention (1,024 tokens at 32x32, tiled on the CPU: ldm_jax.models.attention) stage 1
+# would take 5 instead of 15 minutes, but stage 2 on that VAE scored shape 45.5% against 62.5% (README, session 12).
 VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     layers_per_block=1, norm_num_groups=8, act_fn="silu", sample_size=64,
 )
-# The diffusion models that this VAE's latents are meant for (configs/base.py trains them).
-# Attention at 8x8 and 4x4 only: at 16x16 it cost 1.7x the step time (bench numbers in README). The
-# attention-pooled prompt is added to the time embedding (addition_embed_type='text'), besides cross-attention.
+# The diffusion models that this VAE's latents are meant for: four levels on the 32x32 latents, the top two narrow
+# (1.36x the train-step FLOPs of the f=4 U-Net). Attention at 8x8 and 4x4 only: at 16x16 it cost 1.56x the step
+# time for no better shapes (README "Results"). The attention-pooled prompt is added to the time embedding
+# (addition_embed_type='text'), besides cross-attention.
 UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=2,
+    sample_size=32, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32, 64, 64), layers_per_block=1, attention_head_dim=2,
     cross_attention_dim=128, norm_num_groups=16, norm_eps=1e-5, use_linear_projection=True,
     addition_embed_type="text", addition_embed_type_num_heads=4,
 )
-# SD's noise schedule with v-prediction: at high noise the target is close to -x0, so the layout gets a
-# strong gradient (with epsilon the same runs learned colour and size more slowly: README "Results").
-SCHEDULER = dict(sd15.SD_SCHEDULER, prediction_type="v_prediction")
+# SD's noise schedule with v-prediction (at high noise the target is close to -x0, so the layout gets a strong
+# gradient; with epsilon the f=4 runs learned colour and size more slowly), rescaled to zero SNR at t = 999 and
+# sampled with trailing timesteps (Lin et al. 2023): on 32x32 latents SD's schedule leaves enough of the image at
+# t = 999 that the U-Net never learned to place the shape from pure noise (position at chance, 20%); rescaled, 100%.
+SCHEDULER = dict(sd15.SD_SCHEDULER, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                 timestep_spacing="trailing")
 TEXT_ENCODER = dict(
     vocab_size=589, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
     max_position_embeddings=16, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=128,
@@ -63,10 +70,10 @@ BASE_AUTOENCODER = dict(AUTOENCODER, steps=1200, disc_start=801, eval_every=600,
                         checkpoint_every=600, optimizer=dict(AUTOENCODER["optimizer"], schedule="cosine",
                                                              end_factor=0.1))
 # Batch 16 rather than 32 over the same images and time: the checker read the shape of large shapes right 41% of
-# the time against 35% (stage 2 alone on one VAE; README "Results"). 2800 steps instead (27.4 minutes in all)
-# scored no better: shape 35.5% against 37.5%.
+# the time against 35% (stage 2 alone on one f=4 VAE; README "Results"). 3,000 steps: on this VAE 4,800 scored
+# 65.0% against 62.5%, at 1.6x the time.
 DIFFUSION = dict(
-    steps=2400, batch_size=16, optimizer=dict(learning_rate=1e-3, weight_decay=0.01, grad_clip=1.0,
+    steps=3000, batch_size=16, optimizer=dict(learning_rate=1e-3, weight_decay=0.01, grad_clip=1.0,
                                               warmup_steps=100, schedule="cosine", end_factor=0.1),
     # Plain v-prediction MSE, no min-SNR weighting: min-SNR-5 gives the high-noise steps, where the layout is
     # decided, an x0 weight of min(snr, 5) (0.005 at t = 999), and position stayed at chance (20% vs 99%).
@@ -76,42 +83,49 @@ DIFFUSION = dict(
     # t = 500 (n ~ N(0, 1) or N(0.5, 1)), shape rose as much but position fell to chance (20-25%): the layout is
     # decided at the noisy end, above t = 900, which those hardly train (README "Results").
     timestep_sampling="logit_normal", timestep_logit_mean=1.0, timestep_logit_std=1.0,
-    caption_dropout=0.1, ema_decay=0.999, log_every=100, checkpoint_every=800,
-    sample_every=800, sample_steps=25, guidance_scale=4.0,  # evaluate's default too: it followed prompts best
+    caption_dropout=0.1, ema_decay=0.999, log_every=100, checkpoint_every=1000,
+    sample_every=1000, sample_steps=25, guidance_scale=4.0,  # evaluate's default too: it followed prompts best
     # Frozen: trained jointly, the text encoder learned to mute the position words (their effect on its
     # output fell to a tenth of the colour words'), and colour reached 92% vs 96% frozen.
     train_text_encoder=False,
 )
 
 
-# The 'f2' variant. An f=2 VAE: its reconstructions keep small shapes' shape 78% of the time (f=4: 26%) and every
-# large star (f=4: 7 of 24). Its U-Net has four levels on the 32x32 latents, the top two narrow: 1.36x the FLOPs.
-# The schedule is rescaled to zero SNR at t = 999 and sampled with trailing timesteps (Lin et al. 2023): on 32x32
-# latents SD's schedule leaves enough of the image at t = 999 that the U-Net never learned to place the shape from
-# pure noise (position at chance, 20%); rescaled, 100%. The whole run at 3,000 stage-2 steps: shape 62.5% (base
-# 49.0%), colour 92.0%, position 100%, in 33 min 49 s on a 2-core CPU where the base run takes 13 min 26 s: over
-# the 30 minutes, so not the default (README "Results"). Without the VAE's mid-block attention (1,024 tokens at
-# 32x32) the run would fit, but stage 2 on that VAE scored shape 45.5% against 62.5% (README, session 12).
-F2_VAE = dict(VAE, block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-              up_block_types=("UpDecoderBlock2D",) * 2)
-F2_UNET = dict(UNET, sample_size=32, block_out_channels=(16, 32, 64, 64),
-               down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
-F2_SCHEDULER = dict(SCHEDULER, rescale_betas_zero_snr=True, timestep_spacing="trailing")
-F2_DIFFUSION = dict(DIFFUSION, steps=3000, checkpoint_every=1000, sample_every=1000)
+# The 'f4' variant, the default of sessions 6-14: shape 49.0% in 13 min 26 s (README "Results").
+F4_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1, norm_num_groups=8, act_fn="silu", sample_size=64,
+)
+# The U-Net for the f=4 VAE's 16x16 latents.
+# Attention at 8x8 and 4x4 only: at 16x16 it cost 1.7x the step time (bench numbers in README). The
+# attention-pooled prompt is added to the time embedding (addition_embed_type='text'), besides cross-attention.
+F4_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=2,
+    cross_attention_dim=128, norm_num_groups=16, norm_eps=1e-5, use_linear_projection=True,
+    addition_embed_type="text", addition_embed_type_num_heads=4,
+)
+# SD's noise schedule with v-prediction: at high noise the target is close to -x0, so the layout gets a
+# strong gradient (with epsilon the same runs learned colour and size more slowly: README "Results").
+F4_SCHEDULER = dict(sd15.SD_SCHEDULER, prediction_type="v_prediction")
+# 2,800 steps instead scored no better (shape 35.5% against 37.5% in session 9).
+F4_DIFFUSION = dict(DIFFUSION, steps=2400, checkpoint_every=800, sample_every=800)
 
 
 def get_config(arg: str | None = None, autoencoder: dict | None = None) -> ml_collections.ConfigDict:
-    """The base run; ``arg='quick'`` shrinks every stage to a few steps on the 512-example build, ``arg='f2'``
-    is the f=2 candidate (workdir runs/base_f2).
+    """The base run; ``arg='quick'`` shrinks every stage to a few steps on the 512-example build, ``arg='f4'``
+    is the f=4 variant (workdir runs/base_f4).
 
     ``autoencoder`` replaces the stage-1 settings (configs/vae.py passes AUTOENCODER).
     """
     autoencoder, diffusion, latents = dict(autoencoder or BASE_AUTOENCODER), dict(DIFFUSION), dict(batch_size=64)
     data = dict(source="shapes", batch_size=8, max_length=16)  # stage 1's batch; the cache encodes 64 at a time
     workdir, vae, unet, scheduler = "runs/base", VAE, UNET, SCHEDULER
-    if arg == "f2":
-        vae, unet, scheduler, diffusion, workdir = F2_VAE, F2_UNET, F2_SCHEDULER, dict(F2_DIFFUSION), "runs/base_f2"
+    if arg == "f4":
+        vae, unet, scheduler, diffusion, workdir = F4_VAE, F4_UNET, F4_SCHEDULER, dict(F4_DIFFUSION), "runs/base_f4"
     elif arg == "quick":
         autoencoder.update(steps=4, disc_start=2, log_every=2, eval_every=0, eval_examples=32, checkpoint_every=2)
         diffusion.update(steps=4, batch_size=8, log_every=2, checkpoint_every=2, sample_every=0, sample_steps=2)
@@ -119,6 +133,6 @@ def get_config(arg: str | None = None, autoencoder: dict | None = None) -> ml_co
         latents.update(batch_size=8)
         workdir = "runs/base_quick"
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/base.py; the variants are 'quick' and 'f2'")
+        raise ValueError(f"unknown variant {arg!r} of configs/base.py; the variants are 'quick' and 'f4'")
     return run_config(unet=unet, vae=vae, text_encoder=TEXT_ENCODER, scheduler=scheduler, data=data,
                       workdir=workdir, autoencoder=autoencoder, latents=latents, diffusion=diffusion)

@@ -101,6 +101,21 @@ def test_shapes_captions_agree_with_attributes(shapes_dir):
             assert image.shape == (64, 64, 3)
 
 
+@pytest.mark.parametrize("size", shapes.SIZES)
+def test_shape_centres_stay_within_max_jitter_of_their_region(size):
+    """A red circle's centroid (its fully covered pixels) lies within MAX_JITTER px of its region's centre, per axis,
+    for small and large circles, and the jitter uses most of that room."""
+    offsets = []
+    for seed in range(40):
+        attributes = dict(shape="circle", colour="red", size=size, position="top left")
+        image = shapes.render(attributes, np.random.default_rng(seed)).astype(int)
+        ys, xs = np.nonzero(np.abs(image - (220, 35, 35)).max(-1) <= 1)
+        offsets.append((xs.mean() + 0.5 - 16, ys.mean() + 0.5 - 16))  # pixel centres; the region's is (16, 16)
+    offsets = np.abs(np.array(offsets))
+    assert offsets.max() <= shapes.MAX_JITTER + 0.5
+    assert offsets.max() >= 0.6 * shapes.MAX_JITTER if size == "small" else offsets.max() >= 0.5
+
+
 def test_held_out_pairs_only_in_test(shapes_dir):
     pairs = {split: {(a["colour"], a["shape"]) for a in map(_attributes, _records(shapes_dir, "tiny", split))}
              for split in shapes.SPLITS}

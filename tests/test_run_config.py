@@ -36,21 +36,24 @@ def test_configs_build_and_lock():
 
 
 def test_base_variants_build():
-    """configs/base.py:f2 swaps in its f=2 VAE, 32x32 U-Net and zero-terminal-SNR schedule; unknown variants fail."""
-    f2 = base.get_config("f2")
-    factor = 2 ** (len(f2.vae.block_out_channels) - 1)
-    assert (factor, f2.unet.sample_size, f2.image_size // factor) == (2, 32, 32)
-    assert (f2.scheduler.rescale_betas_zero_snr, f2.scheduler.timestep_spacing) == (True, "trailing")
-    assert (f2.diffusion.steps, f2.workdir) == (3000, "runs/base_f2")
-    with pytest.raises(ValueError, match="unknown variant 'f4' of configs/base.py; the variants are 'quick' and 'f2'"):
-        base.get_config("f4")
+    """configs/base.py runs an f=2 VAE, a 32x32 U-Net and a zero-terminal-SNR schedule; its f4 variant swaps in the
+    f=4 VAE, a 16x16 U-Net and SD's schedule; unknown variants fail."""
+    for arg, factor, side, zero_snr, steps, workdir in ((None, 2, 32, True, 3000, "runs/base"),
+                                                        ("f4", 4, 16, False, 2400, "runs/base_f4")):
+        config = base.get_config(arg)
+        assert 2 ** (len(config.vae.block_out_channels) - 1) == factor and config.image_size // factor == side
+        assert config.unet.sample_size == side
+        assert bool(config.scheduler.get("rescale_betas_zero_snr")) == zero_snr
+        assert (config.diffusion.steps, config.workdir) == (steps, workdir)
+    with pytest.raises(ValueError, match="unknown variant 'f2' of configs/base.py; the variants are 'quick' and 'f4'"):
+        base.get_config("f2")
 
 
 @pytest.mark.parametrize("changes,message", [
     (dict(diffusion=dict(stepz=3)), r"unknown diffusion config key\(s\) \['stepz'\]"),
     (dict(autoencoder=dict(optimizer=dict(lr=1.0))), r"unknown autoencoder.optimizer config key\(s\) \['lr'\]"),
-    (dict(image_size=66, data=dict(source="shapes", image_size=66)),
-     "image_size 66 is not divisible by the VAE's downsampling factor 4"),
+    (dict(image_size=65, data=dict(source="shapes", image_size=65)),
+     "image_size 65 is not divisible by the VAE's downsampling factor 2"),
     (dict(image_size=32), "image_size 32 differs from data.image_size 64"),
     (dict(unet={**base.UNET, "cross_attention_dim": 64}),
      "unet.cross_attention_dim 64 differs from the text encoder's width text_encoder.hidden_size 128"),
