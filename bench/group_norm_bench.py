@@ -35,7 +35,8 @@ from ldm_jax.models.unet import UNet2DConditionModel
 
 # U-Net config and latent side of each --config.
 CONFIGS = {
-    "base": (base_config.UNET, 16),
+    "base": (base_config.UNET, base_config.UNET["sample_size"]),
+    "f4": (base_config.F4_UNET, base_config.F4_UNET["sample_size"]),
     "sd15": (sd15.get_config().unet.to_dict(), 64),
 }
 IMPLEMENTATIONS = {"hand_written": group_norm_lib.group_norm, "autodiff": group_norm_lib.group_norm_autodiff}

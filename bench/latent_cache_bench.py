@@ -1,7 +1,7 @@
 r"""The latent cache's worth: VAE encoding throughput, and the stage-2 step with cached latents vs encoding on the fly.
 
-Models are those of configs/base.py (the base run's f=4 VAE, U-Net and text
-encoder at 64x64 images, 16x16x4 latents) with random weights, or SD 1.5's at
+Models are those of configs/base.py (the base run's f=2 VAE, U-Net and text
+encoder at 64x64 images, 32x32x4 latents) with random weights, or SD 1.5's at
 512x512 with ``--config sd15`` (for an accelerator). In one process:
 
 1. *encode*: the jitted posterior encoder over a batch of images, images/s;

@@ -8,16 +8,16 @@ output, computed once: no text encoder inside the step). Random weights,
 float32. In one process:
 
 1. *peer* (``--part peer``): the same U-Net config (configs/base.py's, on
-   16x16x4 latents; SD 1.5's on 64x64x4 with ``--config sd15``, for an
-   accelerator) trained by ldm_jax (a jitted, state-donating step; its compile
+   32x32x4 latents; its f4 variant's on 16x16x4 with ``--config f4``; SD
+   1.5's on 64x64x4 with ``--config sd15``, for an accelerator) trained by ldm_jax (a jitted, state-donating step; its compile
    time and XLA's FLOP count are reported) and by diffusers
    (``UNet2DConditionModel``, ``DDPMScheduler.add_noise``, ``F.mse_loss``,
    ``torch.optim.AdamW``; torch threads = the cores JAX uses). One warm-up
    step each, then ``--repeats`` steps of each, alternating; the table gives
    the median step times, images/s and *ldm_jax / diffusers* in images/s
    (> 1: ldm_jax is faster).
-2. *pixel* (``--part pixel``, configs/base.py only): ldm_jax alone, 64x64
-   images either as 16x16x4 latents (the base U-Net) or as 64x64x3 pixels
+2. *pixel* (``--part pixel``, configs/base.py and f4): ldm_jax alone, 64x64
+   images either as latents (32x32x4, or 16x16x4 for f4) or as 64x64x3 pixels
    (the same architecture with 3 input/output channels). Step time, images/s,
    XLA's FLOPs and memory (``compiled.memory_analysis()``: arguments + outputs
    - aliased (donated) + temporaries, not the process RSS), and the ratios
@@ -36,7 +36,7 @@ known (``--peak-flops``, or the bfloat16 peak of a known accelerator from
 
 Run from the repository root::
 
-  python -m bench.train_bench [--config base|sd15] [--batch 32] [--repeats 5] [--part peer|pixel|all] \
+  python -m bench.train_bench [--config base|f4|sd15] [--batch 32] [--repeats 5] [--part peer|pixel|all] \
       [--peak-flops FLOP/s]
 
 Prints a table per part and one JSON line.
@@ -68,6 +68,7 @@ from ldm_jax.training.state import make_optimizer
 CONTEXT_LENGTH = 16  # configs/base.py's text length
 CONFIGS = {
     "base": dict(image_size=64, unet=base_config.UNET),
+    "f4": dict(image_size=64, unet=base_config.F4_UNET),
     "sd15": dict(image_size=512, unet=sd15.get_config().unet.to_dict()),
 }
 OPTIMIZER = dict(learning_rate=1e-4, weight_decay=0.01)

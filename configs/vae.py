@@ -1,4 +1,4 @@
-r"""Stage 1 only: the base run's f=4 AutoencoderKL on the built-in ldm_shapes data (64x64 -> 16x16x4 latents).
+r"""Stage 1 only: the base run's f=2 AutoencoderKL on the built-in ldm_shapes data (64x64 -> 32x32x4 latents).
 
     python -m ldm_jax.train --config configs/vae.py [--workdir runs/vae]
 

@@ -199,7 +199,7 @@ def test_train_and_encode_latents_commands(shapes_dir, tmp_path):
     workdir = str(tmp_path / "run")
     assert checkpoints.available_steps(autoencoder_loop.stage_dir(workdir)) == [2, 4]
     manifest = json.load(open(os.path.join(workdir, "latents", latents.MANIFEST)))
-    assert manifest["splits"]["train"]["count"] == 512 and manifest["latent_shape"] == [16, 16, 4]
+    assert manifest["splits"]["train"]["count"] == 512 and manifest["latent_shape"] == [32, 32, 4]
     assert manifest["vae"]["step"] == 4
     result = subprocess.run([sys.executable, "-m", "ldm_jax.encode_latents", *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True)

@@ -38,7 +38,7 @@ def test_configs_build_and_lock():
 def test_base_variants_build():
     """configs/base.py runs an f=2 VAE, a 32x32 U-Net and a zero-terminal-SNR schedule; its f4 variant swaps in the
     f=4 VAE, a 16x16 U-Net and SD's schedule; unknown variants fail."""
-    for arg, factor, side, zero_snr, steps, workdir in ((None, 2, 32, True, 3000, "runs/base"),
+    for arg, factor, side, zero_snr, steps, workdir in ((None, 2, 32, True, 4500, "runs/base"),
                                                         ("f4", 4, 16, False, 2400, "runs/base_f4")):
         config = base.get_config(arg)
         assert 2 ** (len(config.vae.block_out_channels) - 1) == factor and config.image_size // factor == side

@@ -5,8 +5,8 @@ float32, unscaled), not one sampled ``z * scale``. Stage 2 draws
 ``z = (mean + exp(logvar / 2) * eps) * scale`` with a fresh ``eps`` every time an
 example is seen, exactly what encoding on the fly would give (LDM samples the
 posterior per step), while a single cached sample would freeze one draw of
-the noise for the whole run. It costs twice the disk of one sample (8 KB an
-example at 16x16x4), and the scale factor stays a recorded number, not baked in.
+the noise for the whole run. It costs twice the disk of one sample (32 KB an
+example at 32x32x4), and the scale factor stays a recorded number, not baked in.
 
 Layout::
 
