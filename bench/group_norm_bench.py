@@ -17,7 +17,6 @@ one JSON line.
 """
 
 import argparse
-import json
 import statistics
 import time
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.hardware import load_average, machine
+from bench.hardware import load_average, machine, report
 from configs import base as base_config
 from configs import sd15
 from ldm_jax.models import group_norm as group_norm_lib
@@ -136,11 +135,7 @@ def main(argv=None) -> dict:
           f"({record['fused_silu']} with SiLU), forward + backward: hand-written {record['hand_written_s'] * 1e3:.2f} ms,"
           f" autodiff {record['autodiff_s'] * 1e3:.2f} ms: {record['speedup']:.2f}x "
           f"(gradients differ by {record['max_relative_gradient_difference']:.1e} of their largest)")
-    print(json.dumps(record))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-    return record
+    return report(record, args.out)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The hardware limit: peak dense bfloat16 FLOP/s per accelerator, a program's model FLOPs, and the FLOP rate and
-MFU of a measured step.
+MFU of a measured step; the machine and its load, and the JSON record, for every bench's report.
 
 No torch, no JAX at import: the benchmarks' workers of either framework use it.
 """
 
+import json
 import math
 import os
 from typing import Any
@@ -85,3 +86,12 @@ def machine() -> dict:
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def report(record: dict, path: str | None) -> dict:
+    """Print ``record`` as one JSON line and, with ``path``, also write it there (indented); returns it."""
+    print(json.dumps(record))
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+    return record

@@ -20,7 +20,6 @@ Rounds alternate between the two. Prints the median times, *whole / tiled*
 """
 
 import argparse
-import json
 import statistics
 import time
 
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.hardware import load_average, machine
+from bench.hardware import load_average, machine, report
 from configs import base as base_config
 from configs import sd15
 from ldm_jax.models import attention as attention_lib
@@ -107,11 +106,7 @@ def main(argv=None) -> dict:
         print(f"  {part:6s} tiled {record[f'{part}_tiled_s'] * 1e3:8.1f} ms  whole "
               f"{record[f'{part}_whole_s'] * 1e3:8.1f} ms  {record[f'{part}_speedup']:.2f}x  (results differ by "
               f"{record[f'{part}_max_relative_difference']:.1e} of their largest)")
-    print(json.dumps(record))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-    return record
+    return report(record, args.out)
 
 
 if __name__ == "__main__":

@@ -193,3 +193,16 @@ def test_einsum_impl_tiles_only_large_unmasked_attention(monkeypatch):
     attention(q, k, v, 2, is_causal=True, impl="einsum")
     attention(q[:1], k[:1], v[:1], 2, impl="einsum")
     assert len(calls) == 1
+
+
+def test_vae_attention_bench_compares_tiled_and_whole_attention(tmp_path):
+    """bench.vae_attention_bench on configs/base.py's VAE at batch 4 (4 x 1,024 x 1,024 logits: past LOGITS_PER_TILE,
+    so tiled): both variants give the same gradients and encodings, and the record holds both timings."""
+    from bench import vae_attention_bench
+
+    record = vae_attention_bench.main(["--train-batch", "4", "--encode-batch", "4", "--rounds", "1",
+                                       "--out", str(tmp_path / "va.json")])
+    assert record["attention_tokens"] == 1024 and 4 * 1024 * 1024 > record["logits_per_tile"]
+    assert record["train_max_relative_difference"] < 1e-5 and record["encode_max_relative_difference"] < 1e-5
+    for part in ("train", "encode"):
+        assert record[f"{part}_tiled_s"] > 0 and record[f"{part}_whole_s"] > 0
