@@ -205,16 +205,60 @@ class Downsample2D(nn.Module):
                     dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
+def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """A 3x3 convolution (padding 1) of ``x`` [B, H, W, C] upsampled 2x by nearest neighbour, computed on ``x``.
+
+    Each of the four output phases (even or odd row, even or odd column)
+    sees only two rows and two columns of ``x``, so it is a 2x2 convolution
+    whose taps are sums of the 3x3 kernel's (rows (0), (1, 2) for even
+    output rows, (0, 1), (2) for odd ones; the same for columns): 16 taps at
+    ``x``'s resolution instead of 9 at four times it, 2.25x fewer FLOPs and
+    no upsampled copy of ``x``. Equal to the upsample-then-convolve result
+    up to float32 rounding (tests/test_layers.py).
+    """
+    halves = ((kernel[:1], kernel[1:2] + kernel[2:]), (kernel[:1] + kernel[1:2], kernel[2:]))  # per row phase
+    phases = []
+    for row in (0, 1):
+        row_kernel = jnp.concatenate(halves[row], axis=0)  # [2, 3, C, O]
+        columns = []
+        for column in (0, 1):
+            taps = ((row_kernel[:, :1], row_kernel[:, 1:2] + row_kernel[:, 2:]) if column == 0
+                    else (row_kernel[:, :1] + row_kernel[:, 1:2], row_kernel[:, 2:]))
+            padding = ((1, 0) if row == 0 else (0, 1), (1, 0) if column == 0 else (0, 1))
+            columns.append(jax.lax.conv_general_dilated(x, jnp.concatenate(taps, axis=1), (1, 1), padding,
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        phases.append(jnp.stack(columns, axis=3))  # [B, H, W, 2 (column phase), O]
+    out = jnp.stack(phases, axis=2)  # [B, H, 2 (row phase), W, 2, O]
+    b, h, _, w, _, features = out.shape
+    return out.reshape(b, 2 * h, 2 * w, features) + bias
+
+
+class UpsampleConv(nn.Module):
+    """The parameters of ``conv(features, 3, ...)`` (``kernel`` [3, 3, C, O], ``bias``), applied by `upsample_conv`."""
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+                            (3, 3, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+                          (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return upsample_conv(x, kernel, bias)
+
+
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (`upsample_conv`: the same result without
+    upsampling)."""
     channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv(self.channels, 3, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return UpsampleConv(self.channels, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
 
 
 def as_tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
