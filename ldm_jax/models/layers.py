@@ -50,6 +50,10 @@ def remat(module_class: type[nn.Module], policy: str, static_argnums: tuple[int,
     return nn.remat(module_class, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
 
 
+# A convolution's bias: zeros, sharded like the kernel's output channels.
+CONV_BIAS_INIT = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",))
+
+
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding=None,
          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, use_bias: bool = True,
          kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.Conv:
@@ -60,8 +64,7 @@ def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding=None
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=use_bias,
         dtype=dtype, param_dtype=param_dtype, name=name, conv_general_dilated=convolution.conv_general_dilated,
-        kernel_init=nn.with_logical_partitioning(kernel_init, CONV_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+        kernel_init=nn.with_logical_partitioning(kernel_init, CONV_AXES), bias_init=CONV_BIAS_INIT)
 
 
 def dense(features: int, name: str, axes: tuple[str | None, str | None] = ("embed", "mlp"), *,
@@ -205,6 +208,14 @@ class Downsample2D(nn.Module):
                     dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
+def _fold_taps(kernel: jax.Array, phase: int, axis: int) -> jax.Array:
+    """The 3 taps of ``kernel`` along ``axis`` folded to the 2 that output phase ``phase`` of a nearest 2x
+    upsampling sees: (0), (1 + 2) for phase 0, (0 + 1), (2) for phase 1."""
+    first, middle, last = (jax.lax.index_in_dim(kernel, i, axis) for i in range(3))
+    pair = (first, middle + last) if phase == 0 else (first + middle, last)
+    return jnp.concatenate(pair, axis=axis)
+
+
 def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """A 3x3 convolution (padding 1) of ``x`` [B, H, W, C] upsampled 2x by nearest neighbour, computed on ``x``.
 
@@ -216,16 +227,13 @@ def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array
     no upsampled copy of ``x``. Equal to the upsample-then-convolve result
     up to float32 rounding (tests/test_layers.py).
     """
-    halves = ((kernel[:1], kernel[1:2] + kernel[2:]), (kernel[:1] + kernel[1:2], kernel[2:]))  # per row phase
     phases = []
     for row in (0, 1):
-        row_kernel = jnp.concatenate(halves[row], axis=0)  # [2, 3, C, O]
         columns = []
         for column in (0, 1):
-            taps = ((row_kernel[:, :1], row_kernel[:, 1:2] + row_kernel[:, 2:]) if column == 0
-                    else (row_kernel[:, :1] + row_kernel[:, 1:2], row_kernel[:, 2:]))
-            padding = ((1, 0) if row == 0 else (0, 1), (1, 0) if column == 0 else (0, 1))
-            columns.append(jax.lax.conv_general_dilated(x, jnp.concatenate(taps, axis=1), (1, 1), padding,
+            taps = _fold_taps(_fold_taps(kernel, row, axis=0), column, axis=1)  # [2, 2, C, O]
+            padding = tuple((1, 0) if phase == 0 else (0, 1) for phase in (row, column))
+            columns.append(jax.lax.conv_general_dilated(x, taps, (1, 1), padding,
                                                         dimension_numbers=("NHWC", "HWIO", "NHWC")))
         phases.append(jnp.stack(columns, axis=3))  # [B, H, W, 2 (column phase), O]
     out = jnp.stack(phases, axis=2)  # [B, H, 2 (row phase), W, 2, O]
@@ -243,8 +251,7 @@ class UpsampleConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
                             (3, 3, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-                          (self.features,), self.param_dtype)
+        bias = self.param("bias", CONV_BIAS_INIT, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return upsample_conv(x, kernel, bias)
 
