@@ -14,8 +14,9 @@ float32. In one process:
    (``UNet2DConditionModel``, ``DDPMScheduler.add_noise``, ``F.mse_loss``,
    ``torch.optim.AdamW``; torch threads = the cores JAX uses). One warm-up
    step each, then ``--repeats`` steps of each, alternating; the table gives
-   the median step times, images/s and *ldm_jax / diffusers* in images/s
-   (> 1: ldm_jax is faster).
+   the median step times, images/s, *ldm_jax / diffusers* in images/s
+   (> 1: ldm_jax is faster) and the median minor page faults of the process
+   during one step of each.
 2. *pixel* (``--part pixel``, configs/base.py and f4): ldm_jax alone, 64x64
    images either as latents (32x32x4, or 16x16x4 for f4) or as 64x64x3 pixels
    (the same architecture with 3 input/output channels). Step time, images/s,
@@ -34,7 +35,10 @@ matmuls' and convolutions' multiply-adds counted from the traced step by
 known (``--peak-flops``, or the bfloat16 peak of a known accelerator from
 ``bench/hardware.py``; a CPU's is unknown), the model FLOPs utilization.
 
-Run from the repository root::
+Like the trainer, the command first restarts itself with glibc's huge-page
+malloc tunable where it applies (``ldm_jax.host_memory``), so both frameworks
+run with it; ``LDM_JAX_HUGE_PAGES=0`` measures without it. Run from the
+repository root::
 
   python -m bench.train_bench [--config base|f4|sd15] [--batch 32] [--repeats 5] [--part peer|pixel|all] \
       [--peak-flops FLOP/s]
@@ -44,6 +48,8 @@ Prints a table per part and one JSON line.
 
 import argparse
 import json
+import os
+import resource
 import statistics
 from typing import Any, Callable
 
@@ -60,6 +66,7 @@ from bench.hardware import load_average, machine
 from bench.sample_bench import timed
 from configs import base as base_config
 from configs import sd15
+from ldm_jax import host_memory
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
@@ -154,15 +161,20 @@ def torch_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) ->
     return call
 
 
-def measure(runners: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
-    """One warm-up call per runner, then ``repeats`` timed calls of each, alternating (ABAB...)."""
+def measure(runners: dict[str, Callable], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """One warm-up call per runner, then ``repeats`` timed calls of each, alternating (ABAB...).
+
+    Returns the seconds and the process's minor page faults of every timed call, by runner."""
     for call in runners.values():
         call()
     times = {name: [] for name in runners}
+    faults = {name: [] for name in runners}
     for _ in range(repeats):
         for name, call in runners.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times[name].append(timed(call)[0])
-    return times
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return times, faults
 
 
 def inputs(batch: int, side: int, channels: int, context_dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,10 +198,13 @@ def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None
     config = spec["unet"]
     x0, context = inputs(batch, config["sample_size"], config["in_channels"], config["cross_attention_dim"])
     costs, ours = jax_runner(config, x0, context)
-    times = measure({"ldm_jax": ours, "diffusers": torch_runner(config, x0, context)}, repeats)
+    times, faults = measure({"ldm_jax": ours, "diffusers": torch_runner(config, x0, context)}, repeats)
     steps = {name: statistics.median(values) for name, values in times.items()}
+    step_faults = {name: statistics.median(values) for name, values in faults.items()}
     record = dict(latent_shape=list(x0.shape[1:]), ours_compile_s=costs["compile_s"], ours_flops=costs["flops"],
                   ours_step_s=steps["ldm_jax"], diffusers_step_s=steps["diffusers"],
+                  ours_page_faults_per_step=step_faults["ldm_jax"],
+                  diffusers_page_faults_per_step=step_faults["diffusers"],
                   ours_images_per_s=batch / steps["ldm_jax"], diffusers_images_per_s=batch / steps["diffusers"],
                   ours_over_diffusers_images_per_s=steps["diffusers"] / steps["ldm_jax"],
                   ours_times=times["ldm_jax"], diffusers_times=times["diffusers"], model_flops=costs["model_flops"])
@@ -198,9 +213,10 @@ def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None
         record.update({f"{key}_achieved_flops_per_s": rates["achieved_flops_per_s"], f"{key}_mfu": rates["mfu"]})
     print(f"peer: U-Net train step on {batch}x{'x'.join(map(str, x0.shape[1:]))} latents "
           f"(ldm_jax compile {costs['compile_s']:.1f} s, {costs['model_flops'] / 1e9:.1f} GFLOP per step)")
-    print(f"{'':10} {'step s':>8} {'images/s':>9}  FLOP rate")
+    print(f"{'':10} {'step s':>8} {'images/s':>9} {'faults':>8}  FLOP rate")
     for name, seconds in steps.items():
-        print(f"{name:10} {seconds:8.3f} {batch / seconds:9.2f}  {rate_text(costs['model_flops'], seconds, peak)}")
+        print(f"{name:10} {seconds:8.3f} {batch / seconds:9.2f} {step_faults[name]:8.0f}  "
+              f"{rate_text(costs['model_flops'], seconds, peak)}")
     print(f"ldm_jax / diffusers images/s: {record['ours_over_diffusers_images_per_s']:.2f}x")
     return record
 
@@ -228,7 +244,7 @@ def pixel_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | Non
         costs[name].update(step_s=None, images_per_s=None, times=None)
         if costs[name]["memory_bytes"] > available_memory():
             del runners[name]
-    for name, values in measure(runners, repeats).items():
+    for name, values in measure(runners, repeats)[0].items():
         costs[name].update(step_s=statistics.median(values), images_per_s=batch / statistics.median(values),
                            times=values, **utilization(costs[name]["model_flops"], statistics.median(values), peak))
     ratios = {key: costs["pixel"][key] / costs["latent"][key] if costs["pixel"][key] and costs["latent"][key]
@@ -288,7 +304,7 @@ def main(argv=None) -> dict:
           f"{info['cores']} cores (torch threads {torch.get_num_threads()}); load average {load_start}")
     record = dict(config=args.config, batch=args.batch, repeats=args.repeats, **info,
                   torch_threads=torch.get_num_threads(), loadavg_start=load_start, peak_flops=peak,
-                  peak_source=peak_source)
+                  peak_source=peak_source, glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
     print(f"peak FLOP/s: {f'{peak:.4g} ({peak_source})' if peak else 'unknown (no MFU; --peak-flops sets it)'}")
     spec = CONFIGS[args.config]
     if args.part in ("peer", "all"):
@@ -302,4 +318,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()  # as the trainer runs: both frameworks get it
     main()

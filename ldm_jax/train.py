@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import parallel
+from ldm_jax import host_memory, parallel
 from ldm_jax.training import run_config
 from ldm_jax.training.autoencoder_loop import train_autoencoder
 from ldm_jax.training.diffusion_loop import train_diffusion
@@ -67,5 +67,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     flags.mark_flag_as_required("config")
     app.run(main)
