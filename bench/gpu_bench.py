@@ -62,10 +62,11 @@ SPECS = {
 MIN_PART_S = {"sd15": 60, "tiny": 5}
 
 
-def model_configs(name: str) -> dict[str, Any]:
-    """The unet / vae / text_encoder / scheduler config dicts and image size of config ``name``."""
+def model_configs(module: str) -> dict[str, Any]:
+    """The unet / vae / text_encoder / scheduler config dicts and image size of the config ``module``
+    (``SPECS[name]["module"]``, e.g. ``configs.sd15``)."""
     import importlib
-    config = importlib.import_module(SPECS[name]["module"]).get_config()
+    config = importlib.import_module(module).get_config()
     out = {key: config[key].to_dict() if hasattr(config[key], "to_dict") else dict(config[key])
            for key in ("unet", "vae", "text_encoder", "scheduler")}
     out["image_size"] = config["image_size"]
@@ -140,7 +141,8 @@ def jax_worker(args) -> None:
     """Measure ldm_jax (train, sample latency, sample throughput) into ``args.out``."""
     import jax
 
-    configs, spec = model_configs(args.config), SPECS[args.config]
+    spec = SPECS[args.config]
+    configs = model_configs(spec["module"])
     impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
     device = jax.devices()[0]
     parts = Parts(args.out, args.deadline, MIN_PART_S[args.config], framework="ldm_jax",
@@ -167,9 +169,10 @@ def _device_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_layout: str = "auto") -> dict:
-    """ldm_jax's stage-2 train step at ``spec['train_batch']``, jitted as the trainer does, with its inputs on
-    the device.
+def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_layout: str = "auto",
+                  compute_dtype: str = "bfloat16") -> dict:
+    """ldm_jax's stage-2 train step at ``spec['train_batch']``, jitted as the trainer does (float32 params,
+    ``compute_dtype`` activations), with its inputs on the device.
 
     Returns ``jitted`` (the step, donating the state, its layouts per
     ``state_layout``: compile it with ``diffusion_state.compile_train_step``),
@@ -192,10 +195,12 @@ def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state
     batch_size = spec["train_batch"]
 
     def task_for(attention_impl: str, remat: str) -> DiffusionTask:
-        modules = build_modules(configs, jnp.bfloat16, attention_impl=attention_impl, remat_policy=remat)
+        modules = build_modules(configs, jnp.dtype(compute_dtype), attention_impl=attention_impl,
+                                remat_policy=remat)
         return DiffusionTask(unet=modules["unet"], text_encoder=modules["text_encoder"], vae=None,
                              scheduler=tuple(sorted(configs["scheduler"].items())),
-                             scale_factor=configs["vae"]["scaling_factor"], caption_dropout=CAPTION_DROPOUT,
+                             # A config whose VAE has none (it is estimated when the VAE is trained) takes 1.0.
+                             scale_factor=configs["vae"].get("scaling_factor", 1.0), caption_dropout=CAPTION_DROPOUT,
                              ema_decay=EMA_DECAY)
 
     task = task_for(impl, remat_policy)
@@ -297,7 +302,8 @@ def diffusers_worker(args) -> None:
     import torch
     import transformers
 
-    configs, spec = model_configs(args.config), SPECS[args.config]
+    spec = SPECS[args.config]
+    configs = model_configs(spec["module"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parts = Parts(args.out, args.deadline, MIN_PART_S[args.config], framework="diffusers",
                   torch_version=torch.__version__, diffusers_version=diffusers.__version__,

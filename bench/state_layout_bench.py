@@ -65,7 +65,8 @@ def main(argv=None) -> dict:
     from ldm_jax.training.diffusion_state import compile_train_step
 
     impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
-    configs, spec = gpu_bench.model_configs(args.config), gpu_bench.SPECS[args.config]
+    spec = gpu_bench.SPECS[args.config]
+    configs = gpu_bench.model_configs(spec["module"])
     device_kind = jax.devices()[0].device_kind
     record = dict(config=args.config, device_kind=device_kind, jax_version=jax.__version__, attention_impl=impl,
                   batch=spec["train_batch"])

@@ -1,16 +1,21 @@
 r"""Where the stage-2 train step's time goes: its device kernels, summed by kind and traced back to the model code.
 
     python -m bench.step_profile --out profile.json                     # SD 1.5, batch 16, on the GPU
+    python -m bench.step_profile --config base --out /tmp/base.json     # configs/base.py, batch 16, on a CPU
     python -m bench.step_profile --config tiny --out /tmp/tiny.json     # tiny models on any machine
 
-Compiles the train step of ``bench/gpu_bench.py`` (same models, batch,
-attention kernel, remat policy and state layout), runs two warm-up steps and
+Compiles the train step of ``bench/gpu_bench.py`` (same models, attention
+kernel, remat policy and state layout; ``--config base`` is configs/base.py's
+models at its stage-2 batch of 16), in ``--dtype`` (default bfloat16 on an
+accelerator, float32 on a CPU) with float32 params, runs two warm-up steps and
 three unprofiled rounds of ``--steps`` steps (their median step time, with
 the model FLOPs and MFU as ``gpu_bench`` counts them), then ``--steps``
 steps under ``jax.profiler``, and reports per step:
 
 * the time of every device kernel (GPU streams; on a CPU, XLA's op events),
-  and their sum against the step's wall time (the gap is the device idling);
+  their sum (over all streams or threads, so on a CPU it can exceed the step)
+  and the *idle* time: the step's wall time with no kernel running anywhere
+  (on a GPU the device idling; on a CPU, the gaps between XLA's thunks);
 * that time by kind (:data:`KINDS`): matmuls, convolutions and attention,
   which do the model's FLOPs, and the memory-bound rest;
 * the ``--top`` costliest kernels, each with its HLO instruction's shape
@@ -45,6 +50,8 @@ _NAME_KINDS = (  # (kind, pattern of library kernel names and of XLA fusion name
 )
 _BODY_KINDS = (("attention", "custom-call"), ("convolution", "convolution"), ("matmul", "dot"),
                ("reduction", "reduce"), ("transpose", "transpose"), ("concatenate", "concatenate"))
+# Configs profiled besides gpu_bench's (``gpu_bench.SPECS``): configs/base.py's models at its stage-2 batch, for CPUs.
+EXTRA_CONFIGS = {"base": dict(module="configs.base", train_batch=16)}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 
@@ -93,9 +100,9 @@ def kernel_kind(name: str, instruction: dict | None) -> str:
     return "elementwise"
 
 
-def device_kernel_times(trace_dir: str, instructions: dict[str, dict]) -> dict[str, list[float]]:
-    """``{kernel: [total seconds, launches]}`` from the profile under ``trace_dir``: every event of the GPU
-    streams or, on a CPU, the events of XLA's threads that name one of the program's ``instructions``."""
+def device_kernel_events(trace_dir: str, instructions: dict[str, dict]) -> list[tuple[str, float, float]]:
+    """``(kernel, start µs, duration µs)`` of every kernel in the profile under ``trace_dir``: every event of the
+    GPU streams or, on a CPU, the events of XLA's threads that name one of the program's ``instructions``."""
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
@@ -103,18 +110,33 @@ def device_kernel_times(trace_dir: str, instructions: dict[str, dict]) -> dict[s
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     gpu = any(name.startswith("Stream") for name in threads.values())
     wanted = {key for key, name in threads.items() if (name.startswith("Stream") if gpu else "XLA" in name)}
+    return [(event["name"], event["ts"], event["dur"]) for event in events
+            if event.get("ph") == "X" and (event["pid"], event["tid"]) in wanted
+            and (gpu or kernel_name(event["name"]) in instructions)]
+
+
+def kernel_times(events: list[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """``{kernel: [total seconds, launches]}`` of :func:`device_kernel_events`' events."""
     times: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for event in events:
-        if event.get("ph") == "X" and (event["pid"], event["tid"]) in wanted \
-                and (gpu or kernel_name(event["name"]) in instructions):
-            times[event["name"]][0] += event["dur"] * 1e-6
-            times[event["name"]][1] += 1
+    for name, _, duration in events:
+        times[name][0] += duration * 1e-6
+        times[name][1] += 1
     return dict(times)
 
 
+def busy_seconds(events: list[tuple[str, float, float]]) -> float:
+    """The time during which at least one of the events runs (the union of their intervals), in seconds."""
+    busy, end = 0.0, float("-inf")
+    for _, start, duration in sorted(events, key=lambda event: event[1]):
+        busy += max(0.0, start + duration - max(start, end))
+        end = max(end, start + duration)
+    return busy * 1e-6
+
+
 def summarize(times: dict[str, list[float]], instructions: dict[str, dict], steps: int, wall_s: float,
-              top: int) -> dict:
-    """Per-step kernel time in total, by kind and for the ``top`` costliest kernels (with their HLO)."""
+              top: int, busy_s: float) -> dict:
+    """Per-step kernel time in total, by kind and for the ``top`` costliest kernels (with their HLO), and the
+    idle time: ``wall_s`` less ``busy_s``, the time any kernel ran."""
     by_kind = dict.fromkeys(KINDS, 0.0)
     kernels = []
     for name, (seconds, launches) in times.items():
@@ -127,6 +149,7 @@ def summarize(times: dict[str, list[float]], instructions: dict[str, dict], step
     kernels.sort(key=lambda k: -k["ms"])
     total = sum(by_kind.values())
     return dict(steps=steps, step_ms=1e3 * wall_s / steps, kernel_ms=1e3 * total,
+                idle_ms=1e3 * max(0.0, wall_s - busy_s) / steps,
                 kind_ms={k: 1e3 * v for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
                 top_kernels=kernels[:top])
 
@@ -155,15 +178,17 @@ def profile_step(compiled, args: tuple, steps: int, top: int, timed_rounds: int 
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             wall_s = run(steps)
-        times = device_kernel_times(trace_dir, instructions)
-    return dict(summarize(times, instructions, steps, wall_s, top), timed_step_ms=timed_step_ms)
+        events = device_kernel_events(trace_dir, instructions)
+    return dict(summarize(kernel_times(events), instructions, steps, wall_s, top, busy_seconds(events)),
+                timed_step_ms=timed_step_ms)
 
 
 def print_summary(record: dict) -> None:
     """The per-step totals, the time by kind and the top kernels, as text."""
     mfu = f", MFU {100 * record['mfu']:.1f}%" if record.get("mfu") else ""
     print(f"{record['device_kind']}: step {record['timed_step_ms']:.1f} ms{mfu}; under the profiler "
-          f"{record['step_ms']:.1f} ms, kernels {record['kernel_ms']:.1f} ms")
+          f"{record['step_ms']:.1f} ms, kernels {record['kernel_ms']:.1f} ms, no kernel running "
+          f"{record['idle_ms']:.1f} ms")
     for kind, ms in record["kind_ms"].items():
         print(f"  {kind:12s} {ms:8.2f} ms  {100 * ms / record['kernel_ms']:5.1f}%")
     for k in record["top_kernels"]:
@@ -177,11 +202,14 @@ def main(argv=None) -> dict:
     from bench.hardware import peak_flops, utilization
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=sorted(gpu_bench.SPECS), default="sd15")
+    specs = {**gpu_bench.SPECS, **EXTRA_CONFIGS}
+    parser.add_argument("--config", choices=sorted(specs), default="sd15")
     parser.add_argument("--out", required=True, help="where to write the JSON record")
     parser.add_argument("--attention-impl", default=None, help="default: cudnn on a GPU, auto elsewhere")
     parser.add_argument("--remat-policy", default="none")
     parser.add_argument("--state-layout", choices=("auto", "default"), default="auto")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="compute dtype (default: bfloat16 on an accelerator, float32 on a CPU)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--top", type=int, default=60, help="kernels listed")
     parser.add_argument("--hlo-out", help="also write the optimized HLO here (gzipped)")
@@ -192,12 +220,14 @@ def main(argv=None) -> dict:
     from ldm_jax.training.diffusion_state import compile_train_step
 
     impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
-    configs, spec = gpu_bench.model_configs(args.config), gpu_bench.SPECS[args.config]
-    prepared = gpu_bench.prepare_train(configs, spec, impl, args.remat_policy, args.state_layout)
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    spec = specs[args.config]
+    prepared = gpu_bench.prepare_train(gpu_bench.model_configs(spec["module"]), spec, impl, args.remat_policy,
+                                       args.state_layout, dtype)
     compile_s, (compiled, state) = gpu_bench.timed(lambda: compile_train_step(prepared["jitted"], *prepared["args"]))
     record = dict(config=args.config, device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__,
                   attention_impl=impl, remat_policy=args.remat_policy, state_layout=args.state_layout,
-                  batch=spec["train_batch"], compile_s=compile_s,
+                  compute_dtype=dtype, batch=spec["train_batch"], compile_s=compile_s,
                   **profile_step(compiled, (state, *prepared["args"][1:]), args.steps, args.top))
     record.update(model_flops_per_step=prepared["flops"],
                   **utilization(prepared["flops"], record["timed_step_ms"] / 1e3, peak_flops(record["device_kind"])))

@@ -71,5 +71,6 @@ def test_state_layout_bench_and_step_profile_run_at_tiny(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(profile.read_text())
     assert record["state_layout"] == "auto" and len(record["top_kernels"]) == 10
+    assert record["compute_dtype"] == "float32" and 0 <= record["idle_ms"] < record["step_ms"]
     assert record["kind_ms"]["convolution"] > 0 and record["kind_ms"]["matmul"] > 0
     assert sum(record["kind_ms"].values()) == pytest.approx(record["kernel_ms"])

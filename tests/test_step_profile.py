@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bench import step_profile
 
@@ -27,6 +28,15 @@ def test_profile_of_a_compiled_step_names_and_sorts_its_kernels():
     named = [kernel for kernel in record["top_kernels"] if kernel["op_name"]]
     assert any("conv_general_dilated" in kernel["op_name"] for kernel in named)
     assert all(kernel["launches"] == 1 for kernel in record["top_kernels"])
+    assert 0 <= record["idle_ms"] < record["step_ms"]
+
+
+def test_busy_time_is_the_union_of_kernel_intervals():
+    events = [("conv", 100.0, 50.0), ("dot", 120.0, 10.0), ("add", 140.0, 30.0), ("copy", 400.0, 20.0)]
+    assert step_profile.busy_seconds(events) == pytest.approx(90e-6)  # [100, 170] and [400, 420] µs
+    assert step_profile.busy_seconds(list(reversed(events))) == pytest.approx(90e-6)
+    assert step_profile.busy_seconds([]) == 0.0
+    assert step_profile.kernel_times(events + [("dot", 500.0, 5.0)])["dot"] == pytest.approx([15e-6, 2])
 
 
 def test_hlo_instructions_and_kinds():
