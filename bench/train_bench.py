@@ -15,8 +15,11 @@ float32. In one process:
    ``torch.optim.AdamW``; torch threads = the cores JAX uses). One warm-up
    step each, then ``--repeats`` steps of each, alternating; the table gives
    the median step times, images/s, *ldm_jax / diffusers* in images/s
-   (> 1: ldm_jax is faster) and the median minor page faults of the process
-   during one step of each.
+   (> 1: ldm_jax is faster), the quartiles of the same ratio taken step by
+   step (each ldm_jax step against the diffusers step after it: on a busy
+   host the machine's speed drifts between steps, the ratio of neighbours
+   less) and the median minor page faults of the process during one step of
+   each.
 2. *pixel* (``--part pixel``, configs/base.py and f4): ldm_jax alone, 64x64
    images either as latents (32x32x4, or 16x16x4 for f4) or as 64x64x3 pixels
    (the same architecture with 3 input/output channels). Step time, images/s,
@@ -217,8 +220,19 @@ def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None
     for name, seconds in steps.items():
         print(f"{name:10} {seconds:8.3f} {batch / seconds:9.2f} {step_faults[name]:8.0f}  "
               f"{rate_text(costs['model_flops'], seconds, peak)}")
-    print(f"ldm_jax / diffusers images/s: {record['ours_over_diffusers_images_per_s']:.2f}x")
+    pairs = pair_ratios(times["diffusers"], times["ldm_jax"])
+    record["pair_ratio_quartiles"] = pairs
+    print(f"ldm_jax / diffusers images/s: {record['ours_over_diffusers_images_per_s']:.2f}x; step by step "
+          f"(each ldm_jax step against the diffusers step after it) quartiles {pairs[0]:.2f} / {pairs[1]:.2f} / "
+          f"{pairs[2]:.2f}")
     return record
+
+
+def pair_ratios(theirs: list[float], ours: list[float]) -> list[float]:
+    """Quartiles (25th, 50th, 75th percentile) of ``theirs[i] / ours[i]``: each timed step against its
+    neighbour in the alternation, so that a drift of the machine's speed over the run cancels out."""
+    ratios = [their / our for their, our in zip(theirs, ours, strict=True)]
+    return [float(q) for q in np.percentile(ratios, [25, 50, 75])]
 
 
 def available_memory() -> float:
