@@ -158,10 +158,7 @@ def _sample(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Arra
         if mask is None or strength < 1.0:
             x = samplers.noise_to_step(sampler_, x0, latents, start)
         if mask is not None:
-            def after_step(i, x):
-                """Put back the known region, noised to the level after step ``i``."""
-                known = samplers.noise_to_step(sampler_, x0, latents, i + 1)
-                return mask * x + (1.0 - mask) * known
+            after_step = _restore_known_region(sampler_, x0, latents, mask)
 
     z = samplers.sample_loop(sampler_, model_fn, x, start=start, rng=noise_key, after_step=after_step)
     if mask is not None:
@@ -169,6 +166,16 @@ def _sample(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Arra
     images = models.vae.apply({"params": params["vae"]}, z / models.scale_factor, method="decode")
     images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return (images, z) if return_latents else images
+
+
+def _restore_known_region(sampler_: Any, x0: jax.Array, latents: jax.Array, mask: jax.Array) -> Callable:
+    """The sample loop's ``after_step`` for inpainting: after step ``i``, where ``mask`` is 0 (the region kept
+    from the image) the latents are put back from ``x0``, noised with ``latents`` to the level after step ``i``."""
+    def after_step(i, x):
+        known = samplers.noise_to_step(sampler_, x0, latents, i + 1)
+        return mask * x + (1.0 - mask) * known
+
+    return after_step
 
 
 def _is_int(value: Any) -> bool:
