@@ -170,9 +170,10 @@ def _device_peak_bytes() -> int | None:
 
 
 def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_layout: str = "auto",
-                  compute_dtype: str = "bfloat16") -> dict:
+                  compute_dtype: str = "bfloat16", batch_slices: int = 0) -> dict:
     """ldm_jax's stage-2 train step at ``spec['train_batch']``, jitted as the trainer does (float32 params,
-    ``compute_dtype`` activations), with its inputs on the device.
+    ``compute_dtype`` activations, the U-Net on ``resolve_batch_slices(batch_slices, ...)`` slices of the
+    batch), with its inputs on the device.
 
     Returns ``jitted`` (the step, donating the state, its layouts per
     ``state_layout``: compile it with ``diffusion_state.compile_train_step``),
@@ -188,7 +189,7 @@ def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state
 
     from ldm_jax.pipeline import build_modules, init_inputs
     from ldm_jax.training import diffusion_state
-    from ldm_jax.training.diffusion_step import DiffusionTask, train_step
+    from ldm_jax.training.diffusion_step import DiffusionTask, resolve_batch_slices, train_step
     from ldm_jax.training.run_config import DIFFUSION_DEFAULTS
     from ldm_jax.training.state import TrainState, make_optimizer
 
@@ -201,7 +202,8 @@ def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state
                              scheduler=tuple(sorted(configs["scheduler"].items())),
                              # A config whose VAE has none (it is estimated when the VAE is trained) takes 1.0.
                              scale_factor=configs["vae"].get("scaling_factor", 1.0), caption_dropout=CAPTION_DROPOUT,
-                             ema_decay=EMA_DECAY)
+                             ema_decay=EMA_DECAY,
+                             batch_slices=resolve_batch_slices(batch_slices, batch_size))
 
     task = task_for(impl, remat_policy)
     optimizer = make_optimizer(DIFFUSION_DEFAULTS["optimizer"].copy(), 1000)

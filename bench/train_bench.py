@@ -5,7 +5,10 @@ timesteps (``t ~ U{0..999}``, SD 1.5's noise schedule), its gradient and an
 AdamW update (lr 1e-4, weight decay 0.01), on a batch of clean inputs and a
 fixed text context [B, 16, cross_attention_dim] (a frozen text encoder's
 output, computed once: no text encoder inside the step). Random weights,
-float32. In one process:
+float32. ldm_jax's U-Net runs on ``--batch-slices`` slices of the batch,
+by default the trainer's choice (``diffusion.batch_slices`` 0: two on a
+single CPU device, else one; ``ldm_jax.training.diffusion_step``). In one
+process:
 
 1. *peer* (``--part peer``): the same U-Net config (configs/base.py's, on
    32x32x4 latents; its f4 variant's on 16x16x4 with ``--config f4``; SD
@@ -44,7 +47,7 @@ run with it; ``LDM_JAX_HUGE_PAGES=0`` measures without it. Run from the
 repository root::
 
   python -m bench.train_bench [--config base|f4|sd15] [--batch 32] [--repeats 5] [--part peer|pixel|all] \
-      [--peak-flops FLOP/s]
+      [--batch-slices K] [--peak-flops FLOP/s]
 
 Prints a table per part and one JSON line.
 """
@@ -73,6 +76,7 @@ from ldm_jax import host_memory
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
+from ldm_jax.training.diffusion_step import in_slices, resolve_batch_slices
 from ldm_jax.training.state import make_optimizer
 
 CONTEXT_LENGTH = 16  # configs/base.py's text length
@@ -84,16 +88,22 @@ CONFIGS = {
 OPTIMIZER = dict(learning_rate=1e-4, weight_decay=0.01)
 
 
-def make_jax_step(unet: UNet2DConditionModel, optimizer: optax.GradientTransformation) -> Callable:
-    """The jitted step ``(params, opt_state, rng), x0, context -> new state, loss``; donates the state."""
+def make_jax_step(unet: UNet2DConditionModel, optimizer: optax.GradientTransformation,
+                  batch_slices: int = 1) -> Callable:
+    """The jitted step ``(params, opt_state, rng), x0, context -> new state, loss``, the U-Net on
+    ``batch_slices`` slices of the batch (``diffusion_step.in_slices``); donates the state."""
     schedule = sched.NoiseSchedule.from_config(sd15.SD_SCHEDULER)
 
     def loss_fn(params, x0, context, rng):
         t_rng, noise_rng = jax.random.split(rng)
         t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_train_timesteps)
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-        prediction = unet.apply({"params": params}, sched.add_noise(schedule, x0, noise, t), t, context)
-        return jnp.mean(jnp.square(prediction - noise))
+
+        def example_mse(x0, noise, t, context):
+            prediction = unet.apply({"params": params}, sched.add_noise(schedule, x0, noise, t), t, context)
+            return jnp.mean(jnp.square(prediction - noise), axis=(1, 2, 3))
+
+        return jnp.mean(in_slices(example_mse, batch_slices, x0, noise, t, context))
 
     def step(state, x0, context):
         params, opt_state, rng = state
@@ -119,25 +129,28 @@ def xla_costs(compiled) -> dict[str, float]:
     return dict(flops=cost["flops"], memory_bytes=total, **{f"{k}_bytes": v for k, v in sizes.items()})
 
 
-def jax_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) -> tuple[dict, Callable]:
-    """Compile ldm_jax's step for ``config`` and these inputs.
+def jax_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray,
+               batch_slices: int = 0) -> tuple[dict, Callable]:
+    """Compile ldm_jax's step for ``config`` and these inputs, on ``resolve_batch_slices(batch_slices)`` slices.
 
-    Returns (compile seconds, the model's FLOPs per step and XLA's costs of the compiled step, a blocking call
-    that runs one step).
+    Returns (compile seconds, the slices, the model's FLOPs per step and XLA's costs of the compiled step, a
+    blocking call that runs one step).
     """
     unet = UNet2DConditionModel.from_diffusers_config(config)
     params = jax.jit(unet.init)(jax.random.key(0), *init_inputs("unet", config))["params"]
     optimizer = make_optimizer(OPTIMIZER, 1000)
     state = [(params, optimizer.init(params), jax.random.key(1))]
     inputs = (jnp.asarray(x0), jnp.asarray(context))
-    traced = make_jax_step(unet, optimizer).trace(state[0], *inputs)
+    slices = resolve_batch_slices(batch_slices, x0.shape[0])
+    traced = make_jax_step(unet, optimizer, slices).trace(state[0], *inputs)
     compile_s, compiled = timed(traced.lower().compile)
 
     def call():
         state[0], loss = compiled(state[0], *inputs)
         return jax.block_until_ready(loss)
 
-    return dict(compile_s=compile_s, model_flops=jaxpr_flops(traced.jaxpr), **xla_costs(compiled)), call
+    return dict(compile_s=compile_s, batch_slices=slices, model_flops=jaxpr_flops(traced.jaxpr),
+                **xla_costs(compiled)), call
 
 
 def torch_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) -> Callable:
@@ -194,17 +207,19 @@ def rate_text(flops: float, seconds: float, peak: float | None) -> str:
     return f"{rates['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s{mfu}"
 
 
-def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None) -> dict[str, Any]:
+def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None,
+              batch_slices: int = 0) -> dict[str, Any]:
     """Part 1: ldm_jax vs diffusers on the same U-Net config; prints its table, returns its record.
 
     Both sides' FLOP rates use ldm_jax's model FLOP count (the same network and batch)."""
     config = spec["unet"]
     x0, context = inputs(batch, config["sample_size"], config["in_channels"], config["cross_attention_dim"])
-    costs, ours = jax_runner(config, x0, context)
+    costs, ours = jax_runner(config, x0, context, batch_slices)
     times, faults = measure({"ldm_jax": ours, "diffusers": torch_runner(config, x0, context)}, repeats)
     steps = {name: statistics.median(values) for name, values in times.items()}
     step_faults = {name: statistics.median(values) for name, values in faults.items()}
-    record = dict(latent_shape=list(x0.shape[1:]), ours_compile_s=costs["compile_s"], ours_flops=costs["flops"],
+    record = dict(latent_shape=list(x0.shape[1:]), ours_batch_slices=costs["batch_slices"],
+                  ours_compile_s=costs["compile_s"], ours_flops=costs["flops"],
                   ours_step_s=steps["ldm_jax"], diffusers_step_s=steps["diffusers"],
                   ours_page_faults_per_step=step_faults["ldm_jax"],
                   diffusers_page_faults_per_step=step_faults["diffusers"],
@@ -215,7 +230,8 @@ def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None
         rates = utilization(costs["model_flops"], steps[name], peak)
         record.update({f"{key}_achieved_flops_per_s": rates["achieved_flops_per_s"], f"{key}_mfu": rates["mfu"]})
     print(f"peer: U-Net train step on {batch}x{'x'.join(map(str, x0.shape[1:]))} latents "
-          f"(ldm_jax compile {costs['compile_s']:.1f} s, {costs['model_flops'] / 1e9:.1f} GFLOP per step)")
+          f"(ldm_jax: {costs['batch_slices']} batch slice(s), compile {costs['compile_s']:.1f} s, "
+          f"{costs['model_flops'] / 1e9:.1f} GFLOP per step)")
     print(f"{'':10} {'step s':>8} {'images/s':>9} {'faults':>8}  FLOP rate")
     for name, seconds in steps.items():
         print(f"{name:10} {seconds:8.3f} {batch / seconds:9.2f} {step_faults[name]:8.0f}  "
@@ -243,7 +259,8 @@ def available_memory() -> float:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def pixel_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None) -> dict[str, Any]:
+def pixel_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None,
+               batch_slices: int = 0) -> dict[str, Any]:
     """Part 2: ldm_jax's step on latents vs on pixels of the same images; prints its table, returns its record.
 
     A step whose XLA memory exceeds the machine's available memory is compiled
@@ -254,7 +271,7 @@ def pixel_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | Non
     costs, runners = {}, {}
     for name, config in configs.items():
         x0, context = inputs(batch, config["sample_size"], config["in_channels"], config["cross_attention_dim"])
-        costs[name], runners[name] = jax_runner(config, x0, context)
+        costs[name], runners[name] = jax_runner(config, x0, context, batch_slices)
         costs[name].update(step_s=None, images_per_s=None, times=None)
         if costs[name]["memory_bytes"] > available_memory():
             del runners[name]
@@ -303,6 +320,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--part", choices=("peer", "pixel", "all"), default="all")
+    parser.add_argument("--batch-slices", type=int, default=0,
+                        help="slices of the batch ldm_jax's U-Net runs on (default 0: the trainer's automatic choice)")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="the device's peak FLOP/s for MFU (default: bench/hardware.py's bf16 table; none for CPUs)")
     args = parser.parse_args(argv)
@@ -322,9 +341,9 @@ def main(argv=None) -> dict:
     print(f"peak FLOP/s: {f'{peak:.4g} ({peak_source})' if peak else 'unknown (no MFU; --peak-flops sets it)'}")
     spec = CONFIGS[args.config]
     if args.part in ("peer", "all"):
-        record["peer"] = peer_part(spec, args.batch, args.repeats, peak)
+        record["peer"] = peer_part(spec, args.batch, args.repeats, peak, args.batch_slices)
     if args.part in ("pixel", "all"):
-        record["pixel"] = pixel_part(spec, args.batch, args.repeats, peak)
+        record["pixel"] = pixel_part(spec, args.batch, args.repeats, peak, args.batch_slices)
     record["loadavg_end"] = load_average()
     record = rounded(record)
     print(json.dumps(record))

@@ -28,7 +28,7 @@ from ldm_jax.train import run
 from ldm_jax import parallel
 from ldm_jax.training import checkpoints, diffusion_loop, diffusion_state
 from ldm_jax.training.diffusion_step import (DiffusionTask, diffusion_loss, drop_captions, loss_weights,
-                                             sample_timesteps)
+                                             resolve_batch_slices, sample_timesteps)
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
 
@@ -77,6 +77,55 @@ def test_loss_matches_the_diffusers_training_recipe(prediction_type, gamma):
     else:
         weights = np.ones(4)
     np.testing.assert_allclose(float(loss), (weights * mse).mean(), rtol=2e-5)
+
+
+def test_batch_slices_give_the_loss_and_gradient_of_the_whole_batch():
+    """The U-Net on 2 or 4 interleaved slices of a batch of 4: the same loss, metrics and U-Net gradient as one pass
+    over the whole batch (caption dropout and min-SNR weights included: they are per example)."""
+    unet, text = UNet2DConditionModel.from_diffusers_config(TINY_UNET), CLIPTextModel.from_transformers_config(TINY_TEXT)
+    params = {"unet": unet.init(jax.random.key(0), *init_inputs("unet", TINY_UNET))["params"]}
+    frozen = {"text_encoder": text.init(jax.random.key(1), *init_inputs("text_encoder", TINY_TEXT))["params"]}
+    rng = np.random.default_rng(0)
+    batch = {"mean": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
+             "logvar": rng.normal(-3, 1, size=(4, 8, 8, 4)).astype(np.float32),
+             "input_ids": rng.integers(3, 1000, (4, 16)).astype(np.int32), "empty_ids": np.zeros((16,), np.int32)}
+    results, scheduler = {}, tuple(sorted(sd15.SD_SCHEDULER.items()))
+    for slices in (1, 2, 4):
+        task = DiffusionTask(unet=unet, text_encoder=text, vae=None, scheduler=scheduler, scale_factor=0.5,
+                             caption_dropout=0.5, min_snr_gamma=5.0, batch_slices=slices)
+        grad_fn = jax.jit(jax.value_and_grad(lambda p: diffusion_loss(task, p, frozen, batch, jax.random.key(3)),
+                                             has_aux=True))
+        results[slices] = grad_fn(params)
+    (_, whole), whole_grads = results[1]
+    for slices in (2, 4):
+        (_, metrics), grads = results[slices]
+        for key, value in whole.items():
+            np.testing.assert_allclose(metrics[key], value, rtol=1e-5, err_msg=key)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(whole_grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+
+
+def _slices_in_a_fresh_process(one_core: bool) -> list[str]:
+    """resolve_batch_slices(0, 16) and (0, 15) on one CPU device, printed by a new process on all this process's
+    cores or on one."""
+    pin = "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " if one_core else ""
+    code = (f"import os; {pin}from ldm_jax.training.diffusion_step import resolve_batch_slices as r; "
+            "print(r(0, 16), r(0, 15))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XLA_FLAGS": ""}, capture_output=True,
+                          text=True, timeout=120, check=True)
+    return done.stdout.split()
+
+
+def test_batch_slices_resolve_to_two_on_one_cpu_device_with_cores_to_spare():
+    assert resolve_batch_slices(4, 8) == 4
+    with pytest.raises(ValueError, match="diffusion.batch_slices 3 does not divide the 8 examples each device holds"):
+        resolve_batch_slices(3, 8)
+    with pytest.raises(ValueError, match=r"must be 0 \(auto\) or positive, got -1"):
+        resolve_batch_slices(-1, 8)
+    assert resolve_batch_slices(0, 16) == 1  # this process has 8 CPU devices
+    cores = len(os.sched_getaffinity(0))
+    assert _slices_in_a_fresh_process(one_core=False) == (["2", "1"] if cores >= 2 else ["1", "1"])
+    assert _slices_in_a_fresh_process(one_core=True) == ["1", "1"]
 
 
 @pytest.mark.parametrize("mean,std", [(0.0, 1.0), (0.5, 0.7)])
@@ -282,20 +331,20 @@ def test_logged_metrics_are_the_values_of_their_steps(chain, tmp_path):
 
 def test_run_config_speed_settings_reach_the_stage_2_modules(chain):
     """attention_impl reaches the U-Net, the text encoder and the sampling VAE; remat_policy the U-Net; bfloat16
-    the compute dtype; the EMA warmup and timestep sampling the step. No params change: stage 2 builds its modules
-    from the same configs."""
+    the compute dtype; the EMA warmup, timestep sampling and batch slices the step. No params change: stage 2
+    builds its modules from the same configs."""
     _, workdir, data_dir = chain
     config = _config(data_dir, stages="diffusion", attention_impl="xla",
                      diffusion={**_DIFFUSION, "remat_policy": "full", "dtype": "bfloat16", "ema_warmup": False,
                                 "timestep_sampling": "logit_normal", "timestep_logit_mean": 0.3,
-                                "timestep_logit_std": 0.8})
-    stage, _ = diffusion_loop.setup(config, workdir)
+                                "timestep_logit_std": 0.8, "batch_slices": 2})
+    stage, _ = diffusion_loop.setup(config, workdir, device_batch=4)
     for module in (stage.task.unet, stage.task.text_encoder, stage.models.unet, stage.models.vae):
         assert module.attention_impl == "xla" and module.dtype == jnp.bfloat16
     assert stage.task.unet.remat_policy == "full"
     task = stage.task
-    assert (task.ema_warmup, task.timestep_sampling, task.logit_mean, task.logit_std) == (
-        False, "logit_normal", 0.3, 0.8)
+    assert (task.ema_warmup, task.timestep_sampling, task.logit_mean, task.logit_std, task.batch_slices) == (
+        False, "logit_normal", 0.3, 0.8, 2)
     assert stage.configs["unet"] == config.unet.to_dict()  # the saved diffusers config holds neither setting
 
 

@@ -6,7 +6,9 @@ The stage-2 model is tests/multihost_worker.py's (configs/tiny.py cut to one U-N
 stage-1 step and the 2-process run are marked slow (CI time budget): ``pytest -m slow tests/test_parallel.py``.
 """
 
+import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -121,13 +123,15 @@ def _start_workers(workdir: str) -> list[subprocess.Popen]:
                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 
-def _train_on(stage2, mesh_config: dict, devices=None) -> tuple[list[float], dict]:
-    """The losses and params after 3 steps from the initial state placed on ``mesh_config``'s shardings."""
+def _train_on(stage2, mesh_config: dict, devices=None, task=None) -> tuple[list[float], dict]:
+    """The losses and params after 3 steps of ``task`` (default: stage2's) from the initial state placed on
+    ``mesh_config``'s shardings."""
+    task = task or stage2.task
     mesh = parallel.make_mesh(mesh_config, devices)
-    shardings = diffusion_state.state_shardings(stage2.task, stage2.configs, stage2.optimizer, mesh,
+    shardings = diffusion_state.state_shardings(task, stage2.configs, stage2.optimizer, mesh,
                                                 mesh_config.get("frozen", "shard"))
     state, frozen = jax.device_put(stage2.initial, shardings)
-    state, losses = worker.train(stage2.task, stage2.optimizer, mesh, state, frozen, shardings)
+    state, losses = worker.train(task, stage2.optimizer, mesh, state, frozen, shardings)
     return losses, jax.tree.map(np.asarray, state.params)
 
 
@@ -162,6 +166,26 @@ def _assert_matches_reference(stage2, losses: list[float], params: dict, referen
                                   "data=2,fsdp=2,tensor=2"])
 def test_stage2_steps_on_a_mesh_match_one_device(stage2, name):
     _assert_matches_reference(stage2, *_train_on(stage2, MESHES[name]))
+
+
+def test_batch_slices_on_a_data_mesh_match_one_device_and_move_no_data(stage2):
+    """The U-Net on 2 interleaved slices of each device's 2 rows (data=4) trains like the whole batch on one
+    device, and the step moves no activations between devices: besides all-reduces it has no collectives
+    (slices of contiguous halves of the batch took 16 collective-permutes here)."""
+    sliced = dataclasses.replace(stage2.task, batch_slices=2)
+    mesh_config = dict(data=4, frozen="replicate")
+    _assert_matches_reference(stage2, *_train_on(stage2, mesh_config, jax.devices()[:4], sliced))
+    mesh = parallel.make_mesh(mesh_config, jax.devices()[:4])
+    shardings = diffusion_state.state_shardings(sliced, stage2.configs, stage2.optimizer, mesh, "replicate")
+    state, frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                 stage2.initial, shardings)
+    batch = {key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=parallel.batch_sharding(mesh))
+             for key, value in worker.global_batches()[0].items()}
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
+    text = diffusion_state.jit_train_step(sliced, stage2.optimizer, mesh, shardings).lower(
+        state, batch, frozen, rng).compile().as_text()
+    collectives = set(re.findall(r" (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\b", text))
+    assert collectives == {"all-reduce"}
 
 
 def test_fsdp_state_is_born_sharded_and_shrinks_per_device_bytes(stage2):

@@ -127,6 +127,21 @@ def test_axis_rules_of_the_config_lay_out_the_parameters():
     assert set(embed_specs(parallel.axis_rules(config.mesh))) == {None}
 
 
+@pytest.mark.parametrize("slices,devices,error", [
+    (3, 2, r"diffusion.batch_slices 3 does not divide the 8 examples each device holds of diffusion.batch_size 16 "
+           r"\(data-parallel size 2\)"),
+    (4, 8, "diffusion.batch_slices 4 does not divide the 2 examples each device holds"),
+    (4, 2, None), (2, 8, None), (0, 8, None)])
+def test_batch_slices_must_divide_each_devices_share_of_the_stage_2_batch(slices, devices, error):
+    quick = base.get_config("quick").diffusion.to_dict()
+    config = run_config.run_config(**_sections(diffusion={**quick, "batch_size": 16, "batch_slices": slices}))
+    if error:
+        with pytest.raises(ValueError, match=error):
+            run_config.check_devices(config, devices)
+    else:
+        run_config.check_devices(config, devices)
+
+
 def test_batch_must_split_over_the_data_parallel_axes():
     mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
     assert parallel.mesh_shape(dict(data=-1, tensor=2), 8) == (4, 1, 2)
@@ -146,7 +161,7 @@ _SIZES = st.fixed_dictionaries({
     "nan_policy": st.sampled_from(["stop", "skip", "ignore"]), "steps": st.integers(0, 3),
     "checkpoint_every": st.integers(0, 3), "unknown_key": st.booleans(),
     "data_batch": st.integers(1, 48), "diffusion_batch": st.integers(0, 48), "latents_batch": st.integers(0, 48),
-    "devices": st.sampled_from([1, 2, 4, 8]), "fsdp": st.sampled_from([1, 2]),
+    "devices": st.sampled_from([1, 2, 4, 8]), "fsdp": st.sampled_from([1, 2]), "batch_slices": st.integers(-1, 4),
 })
 
 
@@ -178,6 +193,8 @@ def _violations(v: dict) -> list[str]:
             found.append(f"diffusion.{key} must be at least 1, got {v[key]}")
     if v["nan_policy"] == "ignore":
         found.append(r"diffusion.nan_policy must be one of \('stop', 'skip'\), got 'ignore'")
+    if v["batch_slices"] < 0:
+        found.append(rf"diffusion.batch_slices must be 0 \(auto\) or positive, got {v['batch_slices']}")
     return found
 
 
@@ -190,8 +207,14 @@ def _device_violations(v: dict) -> list[str]:
                "latents.batch_size" if v["latents_batch"] else "data.batch_size": v["latents_batch"] or v["data_batch"],
                "diffusion.batch_size" if v["diffusion_batch"] else "data.batch_size":
                    v["diffusion_batch"] or v["data_batch"]}
-    return [f"{key} {size} is not divisible by the data-parallel size {parallel_size}"
-            for key, size in batches.items() if size % parallel_size]
+    found = [f"{key} {size} is not divisible by the data-parallel size {parallel_size}"
+             for key, size in batches.items() if size % parallel_size]
+    diffusion_key = "diffusion.batch_size" if v["diffusion_batch"] else "data.batch_size"
+    per_device = batches[diffusion_key] // parallel_size
+    if not found and v["batch_slices"] and per_device % v["batch_slices"]:
+        found.append(f"diffusion.batch_slices {v['batch_slices']} does not divide the {per_device} examples each "
+                     f"device holds of {diffusion_key} {batches[diffusion_key]}")
+    return found
 
 
 @settings(max_examples=150, deadline=None)
@@ -208,7 +231,7 @@ def test_validator_accepts_exactly_the_consistent_configs(v):
                 image_size=v["image_size"] if v["data_image_size"] is None else v["data_image_size"])
     diffusion = dict(dtype=v["dtype"], nan_policy=v["nan_policy"], steps=v["steps"],
                      checkpoint_every=v["checkpoint_every"], batch_size=v["diffusion_batch"],
-                     **({"stepz": 1} if v["unknown_key"] else {}))
+                     batch_slices=v["batch_slices"], **({"stepz": 1} if v["unknown_key"] else {}))
     sections = _sections(unet=unet, vae=vae, text_encoder=text, data=data, image_size=v["image_size"],
                          diffusion=diffusion, latents=dict(batch_size=v["latents_batch"]),
                          mesh=dict(data=-1, fsdp=v["fsdp"]))

@@ -16,7 +16,7 @@ from ldm_jax.diffusion.sampling import Models
 from ldm_jax.models.vae import scaling_factor
 from ldm_jax.pipeline import build_modules
 from ldm_jax.training import diffusion_state
-from ldm_jax.training.diffusion_step import DiffusionTask, task_from_settings
+from ldm_jax.training.diffusion_step import DiffusionTask, resolve_batch_slices, task_from_settings
 from ldm_jax.training.run_config import DIFFUSION_DEFAULTS
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS, make_optimizer
 
@@ -31,8 +31,10 @@ def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def build_task(config: Mapping[str, Any], dtype: str) -> tuple[DiffusionTask, dict[str, dict], dict[str, Any]]:
-    """The stage-2 task of ``config``'s models in compute ``dtype``, their config dicts and the stage-2 settings."""
+def build_task(config: Mapping[str, Any], dtype: str,
+               device_batch: int = 1) -> tuple[DiffusionTask, dict[str, dict], dict[str, Any]]:
+    """The stage-2 task of ``config``'s models in compute ``dtype`` for steps whose devices each hold
+    ``device_batch`` examples, their config dicts and the stage-2 settings."""
     configs = {name: config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
                for name in MODELS}
     settings = _settings(config)
@@ -40,7 +42,7 @@ def build_task(config: Mapping[str, Any], dtype: str) -> tuple[DiffusionTask, di
     scheduler = Models.create(modules["unet"], modules["vae"], modules["text_encoder"], configs["scheduler"],
                               1.0).scheduler
     task = task_from_settings(modules["unet"], modules["text_encoder"], scheduler, scaling_factor(configs["vae"]),
-                              settings)
+                              settings, resolve_batch_slices(settings["batch_slices"], device_batch))
     return task, configs, settings
 
 
@@ -75,7 +77,7 @@ def compile_train_step(config: Mapping[str, Any], mesh_config: Mapping[str, Any]
     parallel.check_batch(batch, mesh)
     dtype = dtype or _settings(config)["dtype"]
     frozen_layout = dict(mesh_config).get("frozen", parallel.MESH_DEFAULTS["frozen"])
-    task, configs, settings = build_task(config, dtype)
+    task, configs, settings = build_task(config, dtype, batch // parallel.data_parallel_size(mesh))
     optimizer = make_optimizer(settings["optimizer"], settings["steps"])
     state, frozen = diffusion_state.abstract_state(task, configs, optimizer, mesh, frozen_layout,
                                                    parallel.axis_rules(mesh_config))

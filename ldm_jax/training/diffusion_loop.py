@@ -30,7 +30,7 @@ from ldm_jax.images import make_grid
 from ldm_jax.models.clip import tokenize
 from ldm_jax.pipeline import Pipeline, build_modules
 from ldm_jax.training import checkpoints, diffusion_state
-from ldm_jax.training.diffusion_step import DiffusionTask, task_from_settings
+from ldm_jax.training.diffusion_step import DiffusionTask, resolve_batch_slices, task_from_settings
 from ldm_jax.training.latent_cache import cache_folder, ensure_latents
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter
 from ldm_jax.training.nonfinite import NonFiniteTracker
@@ -59,8 +59,9 @@ def _model_configs(config: Mapping[str, Any], pretrained: Pipeline | None) -> di
             for name in ("unet", "vae", "text_encoder", "scheduler")}
 
 
-def setup(config: Mapping[str, Any], workdir: str) -> tuple[Stage2, dict[str, Any]]:
-    """Build stage 2's parts (building the latent cache first if it is missing); also returns the manifest."""
+def setup(config: Mapping[str, Any], workdir: str, device_batch: int) -> tuple[Stage2, dict[str, Any]]:
+    """Build stage 2's parts for steps whose devices each hold ``device_batch`` examples (building the latent
+    cache first if it is missing); also returns the manifest."""
     d = config["diffusion"]
     pretrained = Pipeline.from_pretrained(config["init_from"]) if config["init_from"] else None
     if pretrained is not None:
@@ -80,7 +81,8 @@ def setup(config: Mapping[str, Any], workdir: str) -> tuple[Stage2, dict[str, An
                             remat_policy=d["remat_policy"])
     models = Models.create(modules["unet"], modules["vae"], modules["text_encoder"], configs["scheduler"],
                            manifest["scale_factor"])
-    task = task_from_settings(modules["unet"], modules["text_encoder"], models.scheduler, manifest["scale_factor"], d)
+    task = task_from_settings(modules["unet"], modules["text_encoder"], models.scheduler, manifest["scale_factor"], d,
+                              resolve_batch_slices(d["batch_slices"], device_batch))
     params = None if pretrained is None else {n: pretrained.params[n] for n in ("unet", "text_encoder")}
     return Stage2(configs, models, task, vae, tokenizer, max_length, params), manifest
 
@@ -107,7 +109,8 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
     mesh = parallel.make_mesh(config["mesh"])
     batch_size = d["batch_size"] or config["data"]["batch_size"]
     parallel.check_batch(batch_size, mesh)
-    stage, manifest = setup(config, workdir)
+    stage, manifest = setup(config, workdir, batch_size // parallel.data_parallel_size(mesh))
+    logging.info("stage 2: the U-Net runs on %d slice(s) of each device's batch", stage.task.batch_slices)
     optimizer = make_optimizer(d["optimizer"], d["steps"])
     schedule = learning_rate_schedule({**OPTIMIZER_DEFAULTS, **d["optimizer"]}, d["steps"])
     rng = jax.random.key(config["seed"])

@@ -86,6 +86,8 @@ DIFFUSION_DEFAULTS = dict(
     ema_decay=0.9999,        # 0: no EMA
     ema_warmup=True,         # decay min(ema_decay, (1 + step) / (10 + step))
     dtype="float32",         # compute dtype ('bfloat16' on accelerators); params, optimizer state and EMA stay float32
+    batch_slices=0,          # the U-Net's forward and backward passes over this many slices of each device's batch,
+                             # run side by side: 0 = auto (2 on a single CPU device, else 1; diffusion_step.py)
     remat_policy="none",     # U-Net activation rematerialization: none, full, dots_saveable,
                              # dots_with_no_batch_dims_saveable (ldm_jax/models/layers.py)
     state_layout="auto",     # memory layouts of params, optimizer state and EMA: 'auto' (XLA's pick for the step;
@@ -208,6 +210,8 @@ def validate(config: Mapping[str, Any]) -> None:
     if d["timestep_sampling"] not in TIMESTEP_SAMPLING:
         raise ValueError(f"diffusion.timestep_sampling must be one of {list(TIMESTEP_SAMPLING)}, got "
                          f"{d['timestep_sampling']!r}")
+    if d["batch_slices"] < 0:
+        raise ValueError(f"diffusion.batch_slices must be 0 (auto) or positive, got {d['batch_slices']}")
     if not d["timestep_logit_std"] > 0:
         raise ValueError(f"diffusion.timestep_logit_std must be positive, got {d['timestep_logit_std']}")
     if ("diffusion" in stages(config) and d["sample_every"] >= 0 and list(d["sample_prompts"]) == [""]
@@ -238,7 +242,8 @@ def check_devices(config: Mapping[str, Any], device_count: int, process_count: i
 
     Runs before anything is compiled: ``mesh`` must tile ``device_count``
     devices, and every batch size must divide by the data-parallel size
-    (mesh data x fsdp) and by the number of processes.
+    (mesh data x fsdp) and by the number of processes, and each device's share of stage 2's batch by
+    ``diffusion.batch_slices``.
     """
     shape = dict(zip(AXES, mesh_shape(dict(config["mesh"]), device_count)))
     parallel_size = shape["data"] * shape["fsdp"]
@@ -248,3 +253,10 @@ def check_devices(config: Mapping[str, Any], device_count: int, process_count: i
                              f"{shape} over {device_count} devices: data x fsdp)")
         if size % process_count:
             raise ValueError(f"{key} {size} is not divisible by the {process_count} processes")
+    slices = config["diffusion"]["batch_slices"]
+    if "diffusion" in stages(config) and slices:
+        key = "diffusion.batch_size" if config["diffusion"]["batch_size"] else "data.batch_size"
+        size = config["diffusion"]["batch_size"] or config["data"]["batch_size"]
+        if (size // parallel_size) % slices:
+            raise ValueError(f"diffusion.batch_slices {slices} does not divide the {size // parallel_size} examples "
+                             f"each device holds of {key} {size} (data-parallel size {parallel_size})")
