@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.models.attention import attention, check_attention_impl
-from ldm_jax.models.layers import Dtype, dense, layer_norm
+from ldm_jax.models.layers import Dtype, dense, gelu, layer_norm
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }

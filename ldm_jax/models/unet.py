@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.attention import attention, check_attention_impl
 from ldm_jax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D, as_tuple,
-                                   check_remat_policy, conv, dense, group_norm, layer_norm, remat)
+                                   check_remat_policy, conv, dense, gelu, group_norm, layer_norm, remat)
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -158,7 +158,7 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = SplitDense(self.features, 2, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return value * nn.gelu(gate, approximate=False)
+        return value * gelu(gate)
 
 
 class SplitDense(nn.Module):
