@@ -13,11 +13,11 @@ min-SNR-gamma weight (Hang et al. 2023).
 
 With ``batch_slices`` k > 1 the U-Net runs on k interleaved slices of the
 batch, each its own forward and backward pass in the program (the same
-loss up to float rounding). XLA:CPU runs most of its kernels on one thread
-and independent kernels side by side, so on a CPU the slices keep the cores
-busy where one pass over the whole batch leaves them idle (README
-"Results": 1.09-1.14x the step on 2 cores). ``resolve_batch_slices`` picks
-k for a run.
+loss up to float rounding). XLA:CPU runs each convolution on one thread
+and independent kernels side by side, so on a CPU the second slice's
+kernels keep a core busy that one pass over the whole batch leaves idle
+(README "Results": the stage-2 step 1.13x faster on 2 cores, the same on
+one). ``resolve_batch_slices`` picks k for a run.
 """
 
 import dataclasses
