@@ -43,8 +43,8 @@ class DiffusionTask:
     ``min_snr_gamma`` 0 means unweighted MSE. ``timestep_sampling`` is
     'uniform' or 'logit_normal' (with ``logit_mean`` and ``logit_std``; see
     ``sample_timesteps``). ``vae`` is only used when batches hold images
-    rather than cached moments. ``batch_slices`` (see the module docstring) must divide each device's
-    share of the batch.
+    rather than cached moments. ``batch_slices`` (module docstring) must
+    divide each device's share of the batch.
     """
     unet: nn.Module
     text_encoder: nn.Module
