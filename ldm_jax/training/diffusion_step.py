@@ -103,10 +103,11 @@ def resolve_batch_slices(requested: int, device_batch: int) -> int:
     """The number of batch slices for a step whose devices each hold ``device_batch`` examples.
 
     ``requested`` > 0 is taken as given (ValueError naming ``diffusion.batch_slices`` unless it divides
-    ``device_batch``). 0 means auto: 2 on a single CPU device with at least 2 cores to run on and an even
-    ``device_batch``, else 1. Two, not one per core: each slice adds a copy of the U-Net's forward and backward
-    pass to the program, and so to its compile time; on 2 cores 4 slices were no faster than 2 (README
-    "Results"). Several CPU devices already run side by side, and accelerators run each kernel on the whole chip.
+    ``device_batch``). 0 means auto: 2 when the run has one device in all, a CPU with at least 2 cores to run
+    on, and ``device_batch`` is even; else 1. Two, not one per core: each slice adds a copy of the U-Net's
+    forward and backward pass to the program, and so to its compile time; on 2 cores 4 slices were no faster
+    than 2 (README "Results"). Several CPU devices already run side by side, on a mesh each slice gathers
+    sharded parameters again, and accelerators run each kernel on the whole chip.
     """
     if requested < 0:
         raise ValueError(f"diffusion.batch_slices must be 0 (auto) or positive, got {requested}")
@@ -116,7 +117,7 @@ def resolve_batch_slices(requested: int, device_batch: int) -> int:
                              "each device holds of a batch")
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if jax.default_backend() == "cpu" and jax.local_device_count() == 1 and cores >= 2 and device_batch % 2 == 0:
+    if jax.default_backend() == "cpu" and jax.device_count() == 1 and cores >= 2 and device_batch % 2 == 0:
         return 2
     return 1
 
