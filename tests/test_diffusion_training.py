@@ -40,19 +40,26 @@ TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidd
                  bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
-@pytest.mark.parametrize("prediction_type,gamma", [("epsilon", 0.0), ("epsilon", 5.0), ("v_prediction", 5.0)])
-def test_loss_matches_the_diffusers_training_recipe(prediction_type, gamma):
-    """Noised latents, targets and min-SNR weights from diffusers' DDPMScheduler (train_text_to_image.py's recipe)."""
-    scheduler_config = {**sd15.SD_SCHEDULER, "prediction_type": prediction_type}
+def _tiny_models_and_batch() -> tuple:
+    """The tiny U-Net and text encoder, their random params ({'unet'} trained, {'text_encoder'} frozen) and a
+    seeded batch of 4 cached latent moments with token ids."""
     unet, text = UNet2DConditionModel.from_diffusers_config(TINY_UNET), CLIPTextModel.from_transformers_config(TINY_TEXT)
     params = {"unet": unet.init(jax.random.key(0), *init_inputs("unet", TINY_UNET))["params"]}
     frozen = {"text_encoder": text.init(jax.random.key(1), *init_inputs("text_encoder", TINY_TEXT))["params"]}
-    task = DiffusionTask(unet=unet, text_encoder=text, vae=None, scheduler=tuple(sorted(scheduler_config.items())),
-                         scale_factor=0.5, caption_dropout=0.0, min_snr_gamma=gamma)
     rng = np.random.default_rng(0)
     batch = {"mean": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
              "logvar": rng.normal(-3, 1, size=(4, 8, 8, 4)).astype(np.float32),
              "input_ids": rng.integers(3, 1000, (4, 16)).astype(np.int32), "empty_ids": np.zeros((16,), np.int32)}
+    return unet, text, params, frozen, batch
+
+
+@pytest.mark.parametrize("prediction_type,gamma", [("epsilon", 0.0), ("epsilon", 5.0), ("v_prediction", 5.0)])
+def test_loss_matches_the_diffusers_training_recipe(prediction_type, gamma):
+    """Noised latents, targets and min-SNR weights from diffusers' DDPMScheduler (train_text_to_image.py's recipe)."""
+    scheduler_config = {**sd15.SD_SCHEDULER, "prediction_type": prediction_type}
+    unet, text, params, frozen, batch = _tiny_models_and_batch()
+    task = DiffusionTask(unet=unet, text_encoder=text, vae=None, scheduler=tuple(sorted(scheduler_config.items())),
+                         scale_factor=0.5, caption_dropout=0.0, min_snr_gamma=gamma)
     key = jax.random.key(7)
     loss, _ = diffusion_loss(task, params, frozen, batch, key)
 
@@ -82,13 +89,7 @@ def test_loss_matches_the_diffusers_training_recipe(prediction_type, gamma):
 def test_batch_slices_give_the_loss_and_gradient_of_the_whole_batch():
     """The U-Net on 2 or 4 interleaved slices of a batch of 4: the same loss, metrics and U-Net gradient as one pass
     over the whole batch (caption dropout and min-SNR weights included: they are per example)."""
-    unet, text = UNet2DConditionModel.from_diffusers_config(TINY_UNET), CLIPTextModel.from_transformers_config(TINY_TEXT)
-    params = {"unet": unet.init(jax.random.key(0), *init_inputs("unet", TINY_UNET))["params"]}
-    frozen = {"text_encoder": text.init(jax.random.key(1), *init_inputs("text_encoder", TINY_TEXT))["params"]}
-    rng = np.random.default_rng(0)
-    batch = {"mean": rng.normal(size=(4, 8, 8, 4)).astype(np.float32),
-             "logvar": rng.normal(-3, 1, size=(4, 8, 8, 4)).astype(np.float32),
-             "input_ids": rng.integers(3, 1000, (4, 16)).astype(np.int32), "empty_ids": np.zeros((16,), np.int32)}
+    unet, text, params, frozen, batch = _tiny_models_and_batch()
     results, scheduler = {}, tuple(sorted(sd15.SD_SCHEDULER.items()))
     for slices in (1, 2, 4):
         task = DiffusionTask(unet=unet, text_encoder=text, vae=None, scheduler=scheduler, scale_factor=0.5,

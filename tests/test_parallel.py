@@ -25,7 +25,7 @@ from ldm_jax.diffusion.sampling import Models, sample_fn
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.pipeline import abstract_params, build_modules
-from ldm_jax.training import autoencoder_loop, autoencoder_step, checkpoints, diffusion_state
+from ldm_jax.training import autoencoder_loop, autoencoder_step, checkpoints, compile_cost, diffusion_state
 from ldm_jax.training.autoencoder_losses import AutoencoderLossConfig
 from ldm_jax.training.state import make_optimizer
 from tests import multihost_worker as worker
@@ -176,11 +176,9 @@ def test_batch_slices_on_a_data_mesh_match_one_device_and_move_no_data(stage2):
     mesh_config = dict(data=4, frozen="replicate")
     _assert_matches_reference(stage2, *_train_on(stage2, mesh_config, jax.devices()[:4], sliced))
     mesh = parallel.make_mesh(mesh_config, jax.devices()[:4])
-    shardings = diffusion_state.state_shardings(sliced, stage2.configs, stage2.optimizer, mesh, "replicate")
-    state, frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                 stage2.initial, shardings)
-    batch = {key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=parallel.batch_sharding(mesh))
-             for key, value in worker.global_batches()[0].items()}
+    state, frozen = diffusion_state.abstract_state(sliced, stage2.configs, stage2.optimizer, mesh, "replicate")
+    shardings = jax.tree.map(lambda x: x.sharding, (state, frozen))
+    batch = compile_cost.abstract_batch(stage2.configs, worker.BATCH, mesh)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
     text = diffusion_state.jit_train_step(sliced, stage2.optimizer, mesh, shardings).lower(
         state, batch, frozen, rng).compile().as_text()
