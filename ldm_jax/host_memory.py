@@ -25,13 +25,10 @@ and ``bench.train_bench``:
   threads' heaps are at most 64 MiB each), and XLA:CPU allocates on the
   thread that runs the computation, a dispatch thread by default, so it also
   turns off JAX's CPU async dispatch: one-device computations then run on
-  the calling thread (multi-device ones are dispatched as before). On the
-  2-core AMD host of README "Results" the base stage-2 step took 197-203 ms
-  with it against 262 ms with neither remedy; with huge pages on as well, its
-  kernel time fell from 16-17 to 1-4 ms a step, but the step time did not
-  change measurably (197-216 ms without it, 199-227 ms with it, four
-  processes each). It covers the hosts where huge pages do not apply.
-  ``LDM_JAX_KEEP_BUFFERS=0`` turns it off.
+  the calling thread (multi-device ones are dispatched as before). The base
+  stage-2 step took 197-199 ms with it against 217-236 ms with huge pages
+  alone (0.2 ms of kernel time a step against 20). ``LDM_JAX_KEEP_BUFFERS=0``
+  turns it off.
 """
 
 import ctypes
