@@ -23,8 +23,7 @@ steps under ``jax.profiler``, and reports per step:
   whose path names the Flax module).
 
 ``--hlo-out FILE.gz`` also writes the optimized HLO. Writes the JSON record
-to ``--out`` and prints a summary. Like the trainer, the command first applies
-``ldm_jax.host_memory``'s huge pages and kept step buffers.
+to ``--out`` and prints a summary.
 """
 
 import argparse
@@ -242,8 +241,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from ldm_jax import host_memory
-
-    host_memory.reexec_with_huge_pages()  # the step as the trainer runs it
-    host_memory.keep_step_buffers()
     main()

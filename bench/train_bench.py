@@ -42,9 +42,8 @@ known (``--peak-flops``, or the bfloat16 peak of a known accelerator from
 ``bench/hardware.py``; a CPU's is unknown), the model FLOPs utilization.
 
 Like the trainer, the command first restarts itself with glibc's huge-page
-malloc tunable where it applies and keeps XLA:CPU's step buffers in the
-malloc heap (``ldm_jax.host_memory``; both frameworks run with both);
-``LDM_JAX_HUGE_PAGES=0`` and ``LDM_JAX_KEEP_BUFFERS=0`` measure without them. Run from the
+malloc tunable where it applies (``ldm_jax.host_memory``), so both frameworks
+run with it; ``LDM_JAX_HUGE_PAGES=0`` measures without it. Run from the
 repository root::
 
   python -m bench.train_bench [--config base|f4|sd15] [--batch 32] [--repeats 5] [--part peer|pixel|all] \
@@ -314,9 +313,8 @@ def rounded(value: Any) -> Any:
     return value
 
 
-def main(argv=None, kept_buffers: bool = False) -> dict:
-    """Run the chosen parts, print their tables and the JSON line (``kept_buffers``: whether
-    ``host_memory.keep_step_buffers`` applied); returns the JSON record."""
+def main(argv=None) -> dict:
+    """Run the chosen parts, print their tables and the JSON line; returns the JSON record."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="base")
     parser.add_argument("--batch", type=int, default=32)
@@ -339,8 +337,7 @@ def main(argv=None, kept_buffers: bool = False) -> dict:
           f"{info['cores']} cores (torch threads {torch.get_num_threads()}); load average {load_start}")
     record = dict(config=args.config, batch=args.batch, repeats=args.repeats, **info,
                   torch_threads=torch.get_num_threads(), loadavg_start=load_start, peak_flops=peak,
-                  peak_source=peak_source, glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
-                  kept_buffers=kept_buffers)
+                  peak_source=peak_source, glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
     print(f"peak FLOP/s: {f'{peak:.4g} ({peak_source})' if peak else 'unknown (no MFU; --peak-flops sets it)'}")
     spec = CONFIGS[args.config]
     if args.part in ("peer", "all"):
@@ -355,4 +352,4 @@ def main(argv=None, kept_buffers: bool = False) -> dict:
 
 if __name__ == "__main__":
     host_memory.reexec_with_huge_pages()  # as the trainer runs: both frameworks get it
-    main(kept_buffers=host_memory.keep_step_buffers())
+    main()

@@ -68,6 +68,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     host_memory.reexec_with_huge_pages()
-    host_memory.keep_step_buffers()
     flags.mark_flag_as_required("config")
     app.run(main)

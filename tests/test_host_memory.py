@@ -1,5 +1,4 @@
-"""ldm_jax.host_memory: when the entry points restart with glibc's huge-page tunable, and what it and the heap
-that keeps step buffers do to XLA:CPU's page faults."""
+"""ldm_jax.host_memory: when the entry points restart with glibc's huge-page tunable, and what it does to XLA:CPU."""
 
 import os
 import subprocess
@@ -44,20 +43,17 @@ def test_reads_the_bracketed_thp_mode(tmp_path):
     assert host_memory.thp_mode(str(tmp_path / "missing")) is None
 
 
-# As the entry points do: restarts (when it applies) and keeps step buffers (unless switched off), then runs a
-# jitted function whose 128 MiB temporary buffer XLA:CPU allocates at every call, and prints its process id,
-# whether buffers are kept, the minor page faults of its third call and GLIBC_TUNABLES.
+# Restarts (when it applies), then runs a jitted function whose 64 MiB temporary buffer XLA:CPU allocates afresh
+# at every call, and prints its process id, GLIBC_TUNABLES and the minor page faults of one warm call.
 SCRIPT = """
 import os, resource, sys
 from ldm_jax import host_memory
 print("pid", os.getpid(), flush=True)
 host_memory.reexec_with_huge_pages()
-print("kept", host_memory.keep_step_buffers())
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sum(jnp.sin(x) * jnp.cos(x)[::-1]))
 x = jnp.ones((16 * 2**20,), jnp.float32)
-for _ in range(2):  # the heap settles after two calls
-    f(x).block_until_ready()
+f(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 f(x).block_until_ready()
 print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -65,9 +61,9 @@ print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
 """
 
 
-def run_script(huge_pages: str, keep_buffers: str = "0") -> list[list[str]]:
-    env = {**os.environ, "LDM_JAX_HUGE_PAGES": huge_pages, "LDM_JAX_KEEP_BUFFERS": keep_buffers,
-           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ROOT}
+def run_script(switch: str) -> list[list[str]]:
+    env = {**os.environ, "LDM_JAX_HUGE_PAGES": switch, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           "PYTHONPATH": ROOT}
     env.pop("GLIBC_TUNABLES", None)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
                          check=True).stdout
@@ -79,22 +75,11 @@ def run_script(huge_pages: str, keep_buffers: str = "0") -> list[list[str]]:
 def test_restart_keeps_the_process_and_cuts_xla_page_faults():
     restarted, plain = run_script("1"), run_script("0")
     # The restart ran the same command again in the same process, now with the tunable.
-    assert [key for key, _ in restarted] == ["pid", "pid", "kept", "faults", "tunables"]
+    assert [key for key, _ in restarted] == ["pid", "pid", "faults", "tunables"]
     assert restarted[0] == restarted[1]
-    assert restarted[4][1] == "glibc.malloc.hugetlb=1"
-    assert [key for key, _ in plain] == ["pid", "kept", "faults", "tunables"] and plain[3] == ["tunables", ""]
-    assert restarted[2] == plain[1] == ["kept", "False"]
-    # 128 MiB faulted in 4 KiB pages is ~33k faults; in 2 MiB pages, a few dozen.
-    plain_faults, huge_faults = int(plain[2][1]), int(restarted[3][1])
+    assert restarted[3][1] == "glibc.malloc.hugetlb=1"
+    assert [key for key, _ in plain] == ["pid", "faults", "tunables"] and plain[2] == ["tunables", ""]
+    # 64 MiB faulted in 4 KiB pages is ~16k faults; in 2 MiB pages, a few dozen.
+    plain_faults, huge_faults = int(plain[1][1]), int(restarted[2][1])
     assert plain_faults > 4000
     assert huge_faults < plain_faults / 4
-
-
-@pytest.mark.skipif(host_memory.glibc_version() is None, reason="mallopt is glibc's")
-def test_kept_step_buffers_fault_in_once():
-    kept, plain = run_script("0", keep_buffers="1"), run_script("0")
-    assert kept[1] == ["kept", "True"] and plain[1] == ["kept", "False"]
-    # Without it every call faults its buffers in again (~33k faults); with it, the heap
-    # still holds them from the call before.
-    assert int(plain[2][1]) > 4000
-    assert int(kept[2][1]) < 100
