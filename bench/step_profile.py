@@ -23,7 +23,9 @@ steps under ``jax.profiler``, and reports per step:
   whose path names the Flax module).
 
 ``--hlo-out FILE.gz`` also writes the optimized HLO. Writes the JSON record
-to ``--out`` and prints a summary.
+to ``--out`` and prints a summary. Like the trainer, the command first restarts
+itself with glibc's huge-page malloc tunable where it applies
+(``ldm_jax.host_memory``).
 """
 
 import argparse
@@ -241,4 +243,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from ldm_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()  # the step as the trainer runs it
     main()

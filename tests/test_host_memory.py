@@ -43,7 +43,7 @@ def test_reads_the_bracketed_thp_mode(tmp_path):
     assert host_memory.thp_mode(str(tmp_path / "missing")) is None
 
 
-# Restarts (when it applies), then runs a jitted function whose 64 MiB temporary buffer XLA:CPU allocates afresh
+# Restarts (when it applies), then runs a jitted function whose 128 MiB temporary buffer XLA:CPU allocates afresh
 # at every call, and prints its process id, GLIBC_TUNABLES and the minor page faults of one warm call.
 SCRIPT = """
 import os, resource, sys
@@ -79,7 +79,7 @@ def test_restart_keeps_the_process_and_cuts_xla_page_faults():
     assert restarted[0] == restarted[1]
     assert restarted[3][1] == "glibc.malloc.hugetlb=1"
     assert [key for key, _ in plain] == ["pid", "faults", "tunables"] and plain[2] == ["tunables", ""]
-    # 64 MiB faulted in 4 KiB pages is ~16k faults; in 2 MiB pages, a few dozen.
+    # 128 MiB faulted in 4 KiB pages is ~33k faults; in 2 MiB pages, a few dozen.
     plain_faults, huge_faults = int(plain[1][1]), int(restarted[2][1])
     assert plain_faults > 4000
     assert huge_faults < plain_faults / 4
