@@ -221,6 +221,13 @@ def validate(config: Mapping[str, Any]) -> None:
                          "diffusion.sample_every=-1 for no grids")
 
 
+def diffusion_batch(config: Mapping[str, Any]) -> tuple[str, int]:
+    """Stage 2's global batch size and the key that sets it: ``diffusion.batch_size``, or ``data.batch_size``
+    where that is 0."""
+    size = config["diffusion"]["batch_size"]
+    return ("diffusion.batch_size", size) if size else ("data.batch_size", config["data"]["batch_size"])
+
+
 def batch_sizes(config: Mapping[str, Any]) -> dict[str, int]:
     """The global batch size of each batched job the config's stages run, by the key that sets it."""
     data = config["data"]["batch_size"]
@@ -232,8 +239,8 @@ def batch_sizes(config: Mapping[str, Any]) -> dict[str, int]:
         sizes["latents.batch_size" if config["latents"]["batch_size"] else "data.batch_size"] = (
             config["latents"]["batch_size"] or data)
     if "diffusion" in names:
-        sizes["diffusion.batch_size" if config["diffusion"]["batch_size"] else "data.batch_size"] = (
-            config["diffusion"]["batch_size"] or data)
+        key, size = diffusion_batch(config)
+        sizes[key] = size
     return sizes
 
 
@@ -255,8 +262,7 @@ def check_devices(config: Mapping[str, Any], device_count: int, process_count: i
             raise ValueError(f"{key} {size} is not divisible by the {process_count} processes")
     slices = config["diffusion"]["batch_slices"]
     if "diffusion" in stages(config) and slices:
-        key = "diffusion.batch_size" if config["diffusion"]["batch_size"] else "data.batch_size"
-        size = config["diffusion"]["batch_size"] or config["data"]["batch_size"]
+        key, size = diffusion_batch(config)
         if (size // parallel_size) % slices:
             raise ValueError(f"diffusion.batch_slices {slices} does not divide the {size // parallel_size} examples "
                              f"each device holds of {key} {size} (data-parallel size {parallel_size})")
