@@ -7,8 +7,10 @@ fixed text context [B, 16, cross_attention_dim] (a frozen text encoder's
 output, computed once: no text encoder inside the step). Random weights,
 float32. ldm_jax's U-Net runs on ``--batch-slices`` slices of the batch,
 by default the trainer's choice (``diffusion.batch_slices`` 0: two on a
-single CPU device, else one; ``ldm_jax.training.diffusion_step``). In one
-process:
+single CPU device, else one; ``ldm_jax.training.diffusion_step``), run as
+``--slice-execution`` says, by default as the trainer runs them (on one CPU
+device, as concurrent programs: ``ldm_jax.training.concurrent_slices``;
+the compile time is then the programs' together). In one process:
 
 1. *peer* (``--part peer``): the same U-Net config (configs/base.py's, on
    32x32x4 latents; its f4 variant's on 16x16x4 with ``--config f4``; SD
@@ -47,12 +49,13 @@ run with it; ``LDM_JAX_HUGE_PAGES=0`` measures without it. Run from the
 repository root::
 
   python -m bench.train_bench [--config base|f4|sd15] [--batch 32] [--repeats 5] [--part peer|pixel|all] \
-      [--batch-slices K] [--peak-flops FLOP/s]
+      [--batch-slices K] [--slice-execution auto|concurrent|in_program] [--peak-flops FLOP/s]
 
 Prints a table per part and one JSON line.
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -76,6 +79,7 @@ from ldm_jax import host_memory
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
+from ldm_jax.training.concurrent_slices import SLICE_EXECUTION, on_streams, resolve_concurrent_slices
 from ldm_jax.training.diffusion_step import in_slices, resolve_batch_slices
 from ldm_jax.training.state import make_optimizer
 
@@ -88,21 +92,27 @@ CONFIGS = {
 OPTIMIZER = dict(learning_rate=1e-4, weight_decay=0.01)
 
 
+def _timesteps_and_noise(schedule: sched.NoiseSchedule, rng: jax.Array, x0: jax.Array) -> tuple[jax.Array, jax.Array]:
+    t_rng, noise_rng = jax.random.split(rng)
+    t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_train_timesteps)
+    return t, jax.random.normal(noise_rng, x0.shape, x0.dtype)
+
+
+def _example_mse(unet: UNet2DConditionModel, schedule: sched.NoiseSchedule, params: Any, x0: jax.Array,
+                 noise: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
+    prediction = unet.apply({"params": params}, sched.add_noise(schedule, x0, noise, t), t, context)
+    return jnp.mean(jnp.square(prediction - noise), axis=(1, 2, 3))
+
+
 def make_jax_step(unet: UNet2DConditionModel, optimizer: optax.GradientTransformation,
                   batch_slices: int = 1) -> Callable:
     """The jitted step ``(params, opt_state, rng), x0, context -> new state, loss``, the U-Net on
-    ``batch_slices`` slices of the batch (``diffusion_step.in_slices``); donates the state."""
+    ``batch_slices`` slices of the batch in the one program (``diffusion_step.in_slices``); donates the state."""
     schedule = sched.NoiseSchedule.from_config(sd15.SD_SCHEDULER)
 
     def loss_fn(params, x0, context, rng):
-        t_rng, noise_rng = jax.random.split(rng)
-        t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_train_timesteps)
-        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-
-        def example_mse(x0, noise, t, context):
-            prediction = unet.apply({"params": params}, sched.add_noise(schedule, x0, noise, t), t, context)
-            return jnp.mean(jnp.square(prediction - noise), axis=(1, 2, 3))
-
+        t, noise = _timesteps_and_noise(schedule, rng, x0)
+        example_mse = functools.partial(_example_mse, unet, schedule, params)
         return jnp.mean(in_slices(example_mse, batch_slices, x0, noise, t, context))
 
     def step(state, x0, context):
@@ -113,6 +123,32 @@ def make_jax_step(unet: UNet2DConditionModel, optimizer: optax.GradientTransform
         return (optax.apply_updates(params, updates), opt_state, rng), loss
 
     return jax.jit(step, donate_argnums=0)
+
+
+def make_concurrent_programs(unet: UNet2DConditionModel, optimizer: optax.GradientTransformation,
+                             slices: int) -> tuple[Callable, Callable, Callable]:
+    """`make_jax_step`'s step as the trainer runs slices on one CPU device
+    (``ldm_jax.training.concurrent_slices``): jitted ``prepare(rng, x0, context) -> (rng, per-slice inputs)``,
+    ``slice_grads(params, x0, noise, t, context) -> (loss share, gradient share)``, to be dispatched with
+    ``on_streams``, and ``update(params, opt_state, shares) -> (params, opt_state, loss)`` (donating both)."""
+    schedule = sched.NoiseSchedule.from_config(sd15.SD_SCHEDULER)
+
+    def prepare(rng, x0, context):
+        rng, step_rng = jax.random.split(rng)
+        t, noise = _timesteps_and_noise(schedule, step_rng, x0)
+        split = lambda a, s: a.reshape(a.shape[0] // slices, slices, *a.shape[1:])[:, s]
+        return rng, tuple(tuple(split(a, s) for a in (x0, noise, t, context)) for s in range(slices))
+
+    def slice_grads(params, x0, noise, t, context):
+        share = lambda p: jnp.sum(_example_mse(unet, schedule, p, x0, noise, t, context)) / (x0.shape[0] * slices)
+        return jax.value_and_grad(share)(params)
+
+    def update(params, opt_state, shares):
+        grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *(grad for _, grad in shares))
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, sum(loss for loss, _ in shares)
+
+    return jax.jit(prepare), jax.jit(slice_grads), jax.jit(update, donate_argnums=(0, 1))
 
 
 def xla_costs(compiled) -> dict[str, float]:
@@ -129,12 +165,22 @@ def xla_costs(compiled) -> dict[str, float]:
     return dict(flops=cost["flops"], memory_bytes=total, **{f"{k}_bytes": v for k, v in sizes.items()})
 
 
-def jax_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray,
-               batch_slices: int = 0) -> tuple[dict, Callable]:
-    """Compile ldm_jax's step for ``config`` and these inputs, on ``resolve_batch_slices(batch_slices)`` slices.
+def concurrent_costs(prepare: dict, slice_grads: dict, update: dict, slices: int) -> dict[str, float]:
+    """`xla_costs` of a step of concurrent slice programs: the FLOPs of all its programs (``slices`` slice
+    programs), and as ``memory_bytes`` the largest of its three phases, the slice programs' together (their
+    arguments, the params, counted once)."""
+    together = slice_grads["argument_bytes"] + slices * (slice_grads["memory_bytes"] - slice_grads["argument_bytes"])
+    return dict(flops=prepare["flops"] + slices * slice_grads["flops"] + update["flops"],
+                memory_bytes=max(prepare["memory_bytes"], together, update["memory_bytes"]))
 
-    Returns (compile seconds, the slices, the model's FLOPs per step and XLA's costs of the compiled step, a
-    blocking call that runs one step).
+
+def jax_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray, batch_slices: int = 0,
+               slice_execution: str = "auto") -> tuple[dict, Callable]:
+    """Compile ldm_jax's step for ``config`` and these inputs, on ``resolve_batch_slices(batch_slices)`` slices,
+    run as the trainer would under ``diffusion.slice_execution`` = ``slice_execution``.
+
+    Returns (compile seconds, the slices, whether they run as concurrent programs, the model's FLOPs per step
+    and XLA's costs of the compiled program(s), a blocking call that runs one step).
     """
     unet = UNet2DConditionModel.from_diffusers_config(config)
     params = jax.jit(unet.init)(jax.random.key(0), *init_inputs("unet", config))["params"]
@@ -142,15 +188,38 @@ def jax_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray,
     state = [(params, optimizer.init(params), jax.random.key(1))]
     inputs = (jnp.asarray(x0), jnp.asarray(context))
     slices = resolve_batch_slices(batch_slices, x0.shape[0])
+    concurrent = resolve_concurrent_slices(slice_execution, slices, train_text_encoder=False)
     traced = make_jax_step(unet, optimizer, slices).trace(state[0], *inputs)
-    compile_s, compiled = timed(traced.lower().compile)
+    described = dict(batch_slices=slices, concurrent_slices=concurrent, model_flops=jaxpr_flops(traced.jaxpr))
+    if not concurrent:
+        compile_s, compiled = timed(traced.lower().compile)
+
+        def call():
+            state[0], loss = compiled(state[0], *inputs)
+            return jax.block_until_ready(loss)
+
+        return dict(compile_s=compile_s, **described, **xla_costs(compiled)), call
+
+    prepare, slice_grads, update = make_concurrent_programs(unet, optimizer, slices)
+    shapes = jax.eval_shape(prepare, state[0][2], *inputs)[1]
+    shares = [jax.eval_shape(slice_grads, params, *shape) for shape in shapes]
+
+    def compile_all():
+        return (prepare.lower(state[0][2], *inputs).compile(), slice_grads.lower(params, *shapes[0]).compile(),
+                update.lower(*state[0][:2], shares).compile())
+
+    compile_s, (prepare, slice_grads, update) = timed(compile_all)
 
     def call():
-        state[0], loss = compiled(state[0], *inputs)
+        params, opt_state, rng = state[0]
+        rng, sliced = prepare(rng, *inputs)
+        shares = on_streams(slice_grads, [(params, *inputs) for inputs in sliced])
+        params, opt_state, loss = update(params, opt_state, shares)
+        state[0] = (params, opt_state, rng)
         return jax.block_until_ready(loss)
 
-    return dict(compile_s=compile_s, batch_slices=slices, model_flops=jaxpr_flops(traced.jaxpr),
-                **xla_costs(compiled)), call
+    costs = concurrent_costs(*(xla_costs(c) for c in (prepare, slice_grads, update)), slices)
+    return dict(compile_s=compile_s, **described, **costs), call
 
 
 def torch_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray) -> Callable:
@@ -208,17 +277,18 @@ def rate_text(flops: float, seconds: float, peak: float | None) -> str:
 
 
 def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None,
-              batch_slices: int = 0) -> dict[str, Any]:
+              batch_slices: int = 0, slice_execution: str = "auto") -> dict[str, Any]:
     """Part 1: ldm_jax vs diffusers on the same U-Net config; prints its table, returns its record.
 
     Both sides' FLOP rates use ldm_jax's model FLOP count (the same network and batch)."""
     config = spec["unet"]
     x0, context = inputs(batch, config["sample_size"], config["in_channels"], config["cross_attention_dim"])
-    costs, ours = jax_runner(config, x0, context, batch_slices)
+    costs, ours = jax_runner(config, x0, context, batch_slices, slice_execution)
     times, faults = measure({"ldm_jax": ours, "diffusers": torch_runner(config, x0, context)}, repeats)
     steps = {name: statistics.median(values) for name, values in times.items()}
     step_faults = {name: statistics.median(values) for name, values in faults.items()}
     record = dict(latent_shape=list(x0.shape[1:]), ours_batch_slices=costs["batch_slices"],
+                  ours_concurrent_slices=costs["concurrent_slices"],
                   ours_compile_s=costs["compile_s"], ours_flops=costs["flops"],
                   ours_step_s=steps["ldm_jax"], diffusers_step_s=steps["diffusers"],
                   ours_page_faults_per_step=step_faults["ldm_jax"],
@@ -230,7 +300,7 @@ def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None
         rates = utilization(costs["model_flops"], steps[name], peak)
         record.update({f"{key}_achieved_flops_per_s": rates["achieved_flops_per_s"], f"{key}_mfu": rates["mfu"]})
     print(f"peer: U-Net train step on {batch}x{'x'.join(map(str, x0.shape[1:]))} latents "
-          f"(ldm_jax: {costs['batch_slices']} batch slice(s), compile {costs['compile_s']:.1f} s, "
+          f"(ldm_jax: {slices_text(costs)}, compile {costs['compile_s']:.1f} s, "
           f"{costs['model_flops'] / 1e9:.1f} GFLOP per step)")
     print(f"{'':10} {'step s':>8} {'images/s':>9} {'faults':>8}  FLOP rate")
     for name, seconds in steps.items():
@@ -242,6 +312,14 @@ def peer_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None
           f"(each ldm_jax step against the diffusers step after it) quartiles {pairs[0]:.2f} / {pairs[1]:.2f} / "
           f"{pairs[2]:.2f}")
     return record
+
+
+def slices_text(costs: dict[str, Any]) -> str:
+    """'k batch slice(s)', and how they run when there are several."""
+    if costs["batch_slices"] == 1:
+        return "1 batch slice"
+    return f"{costs['batch_slices']} batch slices " + ("as concurrent programs" if costs["concurrent_slices"]
+                                                      else "in one program")
 
 
 def pair_ratios(theirs: list[float], ours: list[float]) -> list[float]:
@@ -260,7 +338,7 @@ def available_memory() -> float:
 
 
 def pixel_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | None,
-               batch_slices: int = 0) -> dict[str, Any]:
+               batch_slices: int = 0, slice_execution: str = "auto") -> dict[str, Any]:
     """Part 2: ldm_jax's step on latents vs on pixels of the same images; prints its table, returns its record.
 
     A step whose XLA memory exceeds the machine's available memory is compiled
@@ -271,7 +349,7 @@ def pixel_part(spec: dict[str, Any], batch: int, repeats: int, peak: float | Non
     costs, runners = {}, {}
     for name, config in configs.items():
         x0, context = inputs(batch, config["sample_size"], config["in_channels"], config["cross_attention_dim"])
-        costs[name], runners[name] = jax_runner(config, x0, context, batch_slices)
+        costs[name], runners[name] = jax_runner(config, x0, context, batch_slices, slice_execution)
         costs[name].update(step_s=None, images_per_s=None, times=None)
         if costs[name]["memory_bytes"] > available_memory():
             del runners[name]
@@ -322,6 +400,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--part", choices=("peer", "pixel", "all"), default="all")
     parser.add_argument("--batch-slices", type=int, default=0,
                         help="slices of the batch ldm_jax's U-Net runs on (default 0: the trainer's automatic choice)")
+    parser.add_argument("--slice-execution", choices=SLICE_EXECUTION, default="auto",
+                        help="batch slices as concurrent programs or in one (default: the trainer's choice)")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="the device's peak FLOP/s for MFU (default: bench/hardware.py's bf16 table; none for CPUs)")
     args = parser.parse_args(argv)
@@ -341,9 +421,9 @@ def main(argv=None) -> dict:
     print(f"peak FLOP/s: {f'{peak:.4g} ({peak_source})' if peak else 'unknown (no MFU; --peak-flops sets it)'}")
     spec = CONFIGS[args.config]
     if args.part in ("peer", "all"):
-        record["peer"] = peer_part(spec, args.batch, args.repeats, peak, args.batch_slices)
+        record["peer"] = peer_part(spec, args.batch, args.repeats, peak, args.batch_slices, args.slice_execution)
     if args.part in ("pixel", "all"):
-        record["pixel"] = pixel_part(spec, args.batch, args.repeats, peak, args.batch_slices)
+        record["pixel"] = pixel_part(spec, args.batch, args.repeats, peak, args.batch_slices, args.slice_execution)
     record["loadavg_end"] = load_average()
     record = rounded(record)
     print(json.dumps(record))

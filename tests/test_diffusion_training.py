@@ -31,6 +31,7 @@ from ldm_jax.training.diffusion_step import (DiffusionTask, diffusion_loss, drop
                                              resolve_batch_slices, sample_timesteps)
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
+from tests.test_fault_tolerance import _saved
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
@@ -241,6 +242,44 @@ def test_stopped_and_resumed_run_matches_uninterrupted(chain, tmp_path):
     for name in ("unet", "text_encoder"):
         for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
             np.testing.assert_array_equal(x, y)
+
+
+def _start_stage2_on_one_device(chain, workdir: str, slice_execution: str) -> subprocess.Popen:
+    """Start stage 2 of the chain (2 steps, frozen text encoder) in a new process on one CPU device, from a copy of
+    the chain's workdir without its stage-2 checkpoints (its stderr piped)."""
+    _, source, data_dir = chain
+    shutil.copytree(source, workdir)
+    shutil.rmtree(checkpoints.checkpoint_dir(workdir))
+    diffusion = {**_DIFFUSION, "steps": 2, "sample_every": -1, "train_text_encoder": False,
+                 "slice_execution": slice_execution}
+    code = ("from absl import logging; from ldm_jax.train import run; "
+            "from tests.test_autoencoder_training import _config; logging.set_verbosity('info'); "
+            f"run(_config({data_dir!r}, stages='diffusion', diffusion={diffusion!r}), {workdir!r})")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+           "PYTHONPATH": root}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=root)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU device takes 2 batch slices with 2 cores")
+def test_the_trainer_runs_concurrent_slices_on_one_cpu_device_as_it_runs_one_program(chain, tmp_path):
+    """The stage-2 loop on one CPU device with 2 cores: 'auto' runs 2 slices as concurrent programs, and its
+    checkpoint (params, EMA, optimizer moments) and logged losses match 'in_program''s."""
+    processes = {mode: _start_stage2_on_one_device(chain, str(tmp_path / mode), mode)
+                 for mode in ("auto", "in_program")}  # side by side: most of each is a single-threaded compile
+    logs = {mode: process.communicate(timeout=600)[1] for mode, process in processes.items()}
+    for mode, process in processes.items():
+        assert process.returncode == 0, logs[mode][-3000:]
+    assert "runs on 2 slice(s) of each device's batch, as concurrent programs" in logs["auto"]
+    assert "runs on 2 slice(s) of each device's batch\n" in logs["in_program"]
+    losses = {mode: [r["train/loss"] for r in read_metrics(str(tmp_path / mode)) if "train/loss" in r]
+              for mode in logs}
+    assert len(losses["auto"]) == 2
+    np.testing.assert_allclose(losses["auto"], losses["in_program"], rtol=2e-5)
+    a, b = (_saved(str(tmp_path / mode), 2) for mode in logs)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-3 * float(np.abs(y).max()))
 
 
 @pytest.mark.parametrize("state_layout", ["auto", "default"])

@@ -30,6 +30,7 @@ from ldm_jax.images import make_grid
 from ldm_jax.models.clip import tokenize
 from ldm_jax.pipeline import Pipeline, build_modules
 from ldm_jax.training import checkpoints, diffusion_state
+from ldm_jax.training.concurrent_slices import resolve_concurrent_slices
 from ldm_jax.training.diffusion_step import DiffusionTask, resolve_batch_slices, task_from_settings
 from ldm_jax.training.latent_cache import cache_folder, ensure_latents
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter
@@ -110,7 +111,10 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
     batch_size = d["batch_size"] or config["data"]["batch_size"]
     parallel.check_batch(batch_size, mesh)
     stage, manifest = setup(config, workdir, batch_size // parallel.data_parallel_size(mesh))
-    logging.info("stage 2: the U-Net runs on %d slice(s) of each device's batch", stage.task.batch_slices)
+    concurrent = resolve_concurrent_slices(d["slice_execution"], stage.task.batch_slices,
+                                           stage.task.train_text_encoder)
+    logging.info("stage 2: the U-Net runs on %d slice(s) of each device's batch%s", stage.task.batch_slices,
+                 ", as concurrent programs" if concurrent else "")
     optimizer = make_optimizer(d["optimizer"], d["steps"])
     schedule = learning_rate_schedule({**OPTIMIZER_DEFAULTS, **d["optimizer"]}, d["steps"])
     rng = jax.random.key(config["seed"])
@@ -130,7 +134,7 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
         logging.info("stage 2: resumed from step %d in %s", start, workdir)
     tracker = NonFiniteTracker(d["nan_policy"], stage="stage 2", policy_key="diffusion.nan_policy", previous=skips)
 
-    step_fn = diffusion_state.jit_train_step(stage.task, optimizer, mesh, shardings, d["state_layout"])
+    step_fn = diffusion_state.jit_train_step(stage.task, optimizer, mesh, shardings, d["state_layout"], concurrent)
     compiled = None  # compiled at the first step, which also moves the state into the step's layouts
     vae_params = jax.device_put(stage.vae.params, latents.vae_shardings(stage.vae.module, mesh, layout, rules))
     empty = np.asarray(tokenize(stage.tokenizer, [""], stage.max_length), np.int32)

@@ -27,6 +27,7 @@ from jax.experimental.layout import Format, Layout
 from ldm_jax import parallel
 from ldm_jax.pipeline import init_inputs
 from ldm_jax.training import checkpoints
+from ldm_jax.training.concurrent_slices import ConcurrentSliceStep
 from ldm_jax.training.diffusion_step import DiffusionTask, train_step
 from ldm_jax.training.state import TrainState, check_state_layout
 
@@ -103,13 +104,19 @@ def state_formats(shardings: Any, state_layout: str) -> Any:
 
 
 def jit_train_step(task: DiffusionTask, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                   shardings: tuple[TrainState, dict[str, Any]], state_layout: str = "default") -> Any:
+                   shardings: tuple[TrainState, dict[str, Any]], state_layout: str = "default",
+                   concurrent_slices: bool = False) -> Any:
     """``step(state, batch, frozen, rng) -> (state, metrics)``: `train_step` jitted with the state's shardings,
     the batch split over the batch axes, replicated metrics, and the state donated.
 
     With ``state_layout='auto'`` XLA picks the state's layouts (in and
     out): run the step through :func:`compile_train_step`, which moves the
-    state into them."""
+    state into them. With ``concurrent_slices`` (from
+    ``concurrent_slices.resolve_concurrent_slices``: one CPU device) the
+    step is a `ConcurrentSliceStep` instead, in the default layouts (a CPU's
+    'auto' pick)."""
+    if concurrent_slices:
+        return ConcurrentSliceStep(task, optimizer)
     state_sh, frozen_sh = shardings
     state_sh = state_formats(state_sh, state_layout)
     batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
@@ -124,7 +131,11 @@ def compile_train_step(step: Any, state: TrainState, *args: Any) -> tuple[Any, T
 
     The state is lowered abstractly, so that an 'auto' layout is XLA's to
     pick; the arrays it returns keep the picked layouts step after step, and
-    any other jitted function or checkpoint reads them as usual."""
+    any other jitted function or checkpoint reads them as usual. A
+    `ConcurrentSliceStep` comes back as it is (its programs compile at their
+    first call), with the state unmoved."""
+    if isinstance(step, ConcurrentSliceStep):
+        return step, state
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     compiled = step.lower(abstract, *args).compile()
     return compiled, jax.device_put(state, compiled.input_formats[0][0], donate=True)

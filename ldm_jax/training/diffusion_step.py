@@ -17,7 +17,10 @@ loss up to float rounding). XLA:CPU runs each convolution on one thread
 and independent kernels side by side, so on a CPU the second slice's
 kernels keep a core busy that one pass over the whole batch leaves idle
 (README "Results": the stage-2 step 1.13x faster on 2 cores, the same on
-one). ``resolve_batch_slices`` picks k for a run.
+one). ``resolve_batch_slices`` picks k for a run. On one CPU device the
+trainer runs the slices as concurrent programs of their own instead
+(``ldm_jax.training.concurrent_slices``, built from this module's
+`denoising_inputs`, `example_mse` and `apply_gradients`).
 """
 
 import dataclasses
@@ -137,6 +140,7 @@ def in_slices(fn: Callable[..., jax.Array], slices: int, *batched: jax.Array) ->
 
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+UNET_INPUTS = ("z_t", "t", "context", "target")  # the per-example inputs of `example_mse`, in its order
 
 
 def sample_timesteps(rng: jax.Array, size: int, num_timesteps: int, sampling: str = "uniform",
@@ -181,9 +185,9 @@ def drop_captions(ids: jax.Array, empty_ids: jax.Array, rate: float, rng: jax.Ar
     return jnp.where(drop[:, None], empty_ids, ids)
 
 
-def diffusion_loss(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
-                   batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The weighted denoising loss of one batch and its metrics (loss, mse, mean weight)."""
+def denoising_inputs(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
+                     batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+    """The U-Net's inputs and targets for one batch: 'z_t', 't', 'context', 'target' and the loss 'weight' [B]."""
     schedule = task.schedule
     latent_rng, drop_rng, t_rng, noise_rng = jax.random.split(rng, 4)
     z0 = clean_latents(task, frozen, batch, latent_rng)
@@ -193,17 +197,26 @@ def diffusion_loss(task: DiffusionTask, params: Mapping[str, Any], frozen: Mappi
     t = sample_timesteps(t_rng, z0.shape[0], schedule.num_train_timesteps, task.timestep_sampling,
                          task.logit_mean, task.logit_std)
     noise = jax.random.normal(noise_rng, z0.shape, jnp.float32)
-    z_t = sched.add_noise(schedule, z0, noise, t)
-    target = sched.training_target(schedule, z0, noise, t)
+    return {"z_t": sched.add_noise(schedule, z0, noise, t), "t": t, "context": context,
+            "target": sched.training_target(schedule, z0, noise, t),
+            "weight": loss_weights(schedule, t, task.min_snr_gamma)}
 
-    def example_mse(z_t, t, context, target):
-        prediction = task.unet.apply({"params": params["unet"]}, z_t, t, context)
-        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=tuple(range(1, z0.ndim)))
 
-    mse = in_slices(example_mse, task.batch_slices, z_t, t, context, target)
-    weights = loss_weights(schedule, t, task.min_snr_gamma)
-    loss = jnp.mean(weights * mse)
-    return loss, {"loss": loss, "mse": jnp.mean(mse), "weight": jnp.mean(weights)}
+def example_mse(task: DiffusionTask, unet_params: Mapping[str, Any], z_t: jax.Array, t: jax.Array,
+                context: jax.Array, target: jax.Array) -> jax.Array:
+    """The U-Net's squared error against ``target``, averaged over each example [B] (float32)."""
+    prediction = task.unet.apply({"params": unet_params}, z_t, t, context)
+    return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=tuple(range(1, z_t.ndim)))
+
+
+def diffusion_loss(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
+                   batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted denoising loss of one batch and its metrics (loss, mse, mean weight)."""
+    inputs = denoising_inputs(task, params, frozen, batch, rng)
+    mse = in_slices(lambda *a: example_mse(task, params["unet"], *a), task.batch_slices,
+                    *(inputs[name] for name in UNET_INPUTS))
+    loss = jnp.mean(inputs["weight"] * mse)
+    return loss, {"loss": loss, "mse": jnp.mean(mse), "weight": jnp.mean(inputs["weight"])}
 
 
 def train_step(task: DiffusionTask, optimizer: optax.GradientTransformation, state: TrainState,
@@ -222,6 +235,14 @@ def train_step(task: DiffusionTask, optimizer: optax.GradientTransformation, sta
     step_rng = jax.random.fold_in(rng, state.step)
     (_, metrics), grads = jax.value_and_grad(diffusion_loss, argnums=1, has_aux=True)(
         task, state.params, frozen, batch, step_rng)
+    return apply_gradients(task, optimizer, state, grads, metrics)
+
+
+def apply_gradients(task: DiffusionTask, optimizer: optax.GradientTransformation, state: TrainState,
+                    grads: Mapping[str, Any], metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The second half of `train_step`: the optimizer update of ``grads`` (a tree like ``state.params``), the
+    EMA, and the non-finite guard on ``metrics['loss']`` and the gradient norm; returns the new state and
+    ``metrics`` with 'grad_norm' and 'nonfinite' added."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema

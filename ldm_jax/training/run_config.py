@@ -35,6 +35,7 @@ from ldm_jax.data.config import data_config
 from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import REMAT_POLICIES
 from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
+from ldm_jax.training.concurrent_slices import SLICE_EXECUTION
 from ldm_jax.training.diffusion_step import TIMESTEP_SAMPLING
 from ldm_jax.training.nonfinite import POLICIES
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS, check_state_layout
@@ -88,6 +89,8 @@ DIFFUSION_DEFAULTS = dict(
     dtype="float32",         # compute dtype ('bfloat16' on accelerators); params, optimizer state and EMA stay float32
     batch_slices=0,          # the U-Net's forward and backward passes over this many slices of each device's batch,
                              # run side by side: 0 = auto (2 on a single CPU device, else 1; diffusion_step.py)
+    slice_execution="auto",  # batch slices as 'concurrent' programs of their own or 'in_program'; 'auto' = concurrent
+                             # on one CPU device with a frozen text encoder (training/concurrent_slices.py)
     remat_policy="none",     # U-Net activation rematerialization: none, full, dots_saveable,
                              # dots_with_no_batch_dims_saveable (ldm_jax/models/layers.py)
     state_layout="auto",     # memory layouts of params, optimizer state and EMA: 'auto' (XLA's pick for the step;
@@ -212,6 +215,12 @@ def validate(config: Mapping[str, Any]) -> None:
                          f"{d['timestep_sampling']!r}")
     if d["batch_slices"] < 0:
         raise ValueError(f"diffusion.batch_slices must be 0 (auto) or positive, got {d['batch_slices']}")
+    if d["slice_execution"] not in SLICE_EXECUTION:
+        raise ValueError(f"diffusion.slice_execution must be one of {list(SLICE_EXECUTION)}, got "
+                         f"{d['slice_execution']!r}")
+    if d["slice_execution"] == "concurrent" and d["train_text_encoder"]:
+        raise ValueError("diffusion.slice_execution='concurrent' needs a frozen text encoder "
+                         "(diffusion.train_text_encoder=False)")
     if not d["timestep_logit_std"] > 0:
         raise ValueError(f"diffusion.timestep_logit_std must be positive, got {d['timestep_logit_std']}")
     if ("diffusion" in stages(config) and d["sample_every"] >= 0 and list(d["sample_prompts"]) == [""]
@@ -250,7 +259,7 @@ def check_devices(config: Mapping[str, Any], device_count: int, process_count: i
     Runs before anything is compiled: ``mesh`` must tile ``device_count``
     devices, and every batch size must divide by the data-parallel size
     (mesh data x fsdp) and by the number of processes, and each device's share of stage 2's batch by
-    ``diffusion.batch_slices``.
+    ``diffusion.batch_slices``; ``diffusion.slice_execution='concurrent'`` needs one device.
     """
     shape = dict(zip(AXES, mesh_shape(dict(config["mesh"]), device_count)))
     parallel_size = shape["data"] * shape["fsdp"]
@@ -266,3 +275,5 @@ def check_devices(config: Mapping[str, Any], device_count: int, process_count: i
         if (size // parallel_size) % slices:
             raise ValueError(f"diffusion.batch_slices {slices} does not divide the {size // parallel_size} examples "
                              f"each device holds of {key} {size} (data-parallel size {parallel_size})")
+    if "diffusion" in stages(config) and config["diffusion"]["slice_execution"] == "concurrent" and device_count > 1:
+        raise ValueError(f"diffusion.slice_execution='concurrent' runs on one device; this run has {device_count}")

@@ -1,0 +1,135 @@
+"""Stage 2's train step on one CPU device as concurrent programs, one per slice of the batch.
+
+XLA:CPU runs each convolution on one thread, so one pass over the batch
+leaves the second core of a small host idle much of the time. Slices of
+the batch inside one program (``diffusion_step.in_slices``) gain less than
+they could: the program's buffers are reused between the slices' kernels,
+which orders much of one slice's work after the other's. Here each slice
+is a program of its own, with buffers of its own, and the step is 2 + k
+programs:
+
+1. ``prepare``: `diffusion_step.denoising_inputs` of the whole batch (latent
+   samples, the frozen text encoder, timesteps, noise and loss weights),
+   split into k interleaved slices as `in_slices` splits them;
+2. k x ``slice_gradients``: the U-Net's forward and backward pass on one
+   slice, giving its share of the loss and of the gradient. Each is
+   dispatched on an XLA execution stream of its own (`on_streams`): the
+   runtime runs one stream's programs one after another, and programs on
+   different streams side by side, ordered only by the data they share;
+3. ``update``: the shares summed, then `diffusion_step.apply_gradients`
+   (optimizer, EMA, non-finite guard), the state donated.
+
+The loss and the update are `diffusion_step.train_step`'s up to float
+rounding (the gradient summed in another order). README "Results" gives the
+speed against one program with the same slices. `resolve_concurrent_slices`
+says where this applies: one device (several devices already run side by
+side, and a program per slice would gather sharded parameters once per
+slice), a CPU, and a frozen text encoder (a trained one would need the
+context's gradient carried from the slices into the update).
+"""
+
+import functools
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxlib import xla_client
+
+from ldm_jax.training.diffusion_step import (UNET_INPUTS, DiffusionTask, apply_gradients, denoising_inputs,
+                                             example_mse)
+from ldm_jax.training.state import TrainState
+
+SLICE_EXECUTION = ("auto", "concurrent", "in_program")
+
+
+def streams_supported() -> bool:
+    """Whether this jaxlib can dispatch a program on a chosen XLA execution stream."""
+    return hasattr(xla_client, "execution_stream_id")
+
+
+def resolve_concurrent_slices(requested: str, slices: int, train_text_encoder: bool) -> bool:
+    """Whether stage 2 runs its ``slices`` batch slices as concurrent programs (``diffusion.slice_execution``).
+
+    'auto': yes when there is more than one slice and the step qualifies (module docstring); 'in_program': no;
+    'concurrent': yes, and ValueError naming the key and the reason when the step does not qualify.
+    """
+    if requested not in SLICE_EXECUTION:
+        raise ValueError(f"diffusion.slice_execution must be one of {list(SLICE_EXECUTION)}, got {requested!r}")
+    if requested == "in_program" or slices == 1:
+        return False
+    reasons = []
+    if jax.device_count() != 1:
+        reasons.append(f"it runs on one device, this run has {jax.device_count()}")
+    if jax.default_backend() != "cpu":
+        reasons.append(f"it is for a CPU, this run is on {jax.default_backend()!r}")
+    if train_text_encoder:
+        reasons.append("diffusion.train_text_encoder must be False")
+    if not streams_supported():
+        reasons.append("this jaxlib has no xla_client.execution_stream_id")
+    if reasons and requested == "concurrent":
+        raise ValueError("diffusion.slice_execution='concurrent' does not apply: " + "; ".join(reasons))
+    return not reasons
+
+
+def on_streams(fn: Callable[..., Any], per_stream_args: Iterable[Sequence[Any]]) -> list[Any]:
+    """``fn(*args)`` for each ``args``, each call dispatched on its own XLA execution stream (1, 2, ...), so
+    that the runtime may run the programs side by side. Returns their results in order (not waited on)."""
+    results = []
+    for stream, args in enumerate(per_stream_args, start=1):
+        with xla_client.execution_stream_id(stream):
+            results.append(fn(*args))
+    return results
+
+
+def _prepare(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
+             batch: Mapping[str, jax.Array], rng: jax.Array,
+             step: jax.Array) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array]:
+    inputs = denoising_inputs(task, params, frozen, batch, jax.random.fold_in(rng, step))
+    k = task.batch_slices
+    sliced = tuple({name: value.reshape(value.shape[0] // k, k, *value.shape[1:])[:, s]
+                    for name, value in inputs.items()} for s in range(k))
+    return sliced, jnp.mean(inputs["weight"])
+
+
+def _slice_gradients(task: DiffusionTask, unet_params: Mapping[str, Any],
+                     inputs: Mapping[str, jax.Array]) -> tuple[Any, jax.Array, jax.Array]:
+    batch_size = inputs["t"].shape[0] * task.batch_slices
+
+    def loss_share(unet_params):
+        mse = example_mse(task, unet_params, *(inputs[name] for name in UNET_INPUTS))
+        return jnp.sum(inputs["weight"] * mse) / batch_size, jnp.sum(mse) / batch_size
+
+    (loss, mse), grads = jax.value_and_grad(loss_share, has_aux=True)(unet_params)
+    return grads, loss, mse
+
+
+def _update(task: DiffusionTask, optimizer: optax.GradientTransformation, state: TrainState,
+            shares: Sequence[tuple[Any, jax.Array, jax.Array]],
+            weight: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *(share[0] for share in shares))
+    metrics = {"loss": sum(share[1] for share in shares), "mse": sum(share[2] for share in shares),
+               "weight": weight}
+    return apply_gradients(task, optimizer, state, {"unet": grads}, metrics)
+
+
+class ConcurrentSliceStep:
+    """``step(state, batch, frozen, rng) -> (state, metrics)``: `diffusion_step.train_step`'s update, run as
+    the programs of the module docstring on ``task.batch_slices`` slices (the state donated)."""
+
+    def __init__(self, task: DiffusionTask, optimizer: optax.GradientTransformation):
+        """Jit the three programs (each compiled at its first call)."""
+        if task.train_text_encoder:
+            raise ValueError("concurrent batch slices need a frozen text encoder (diffusion.train_text_encoder)")
+        self.slices = task.batch_slices
+        self._prepare = jax.jit(functools.partial(_prepare, task))
+        self._slice_gradients = jax.jit(functools.partial(_slice_gradients, task))
+        self._update = jax.jit(functools.partial(_update, task, optimizer), donate_argnums=0)
+
+    def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], frozen: Mapping[str, Any],
+                 rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One step: dispatches the programs and returns without waiting for them."""
+        sliced, weight = self._prepare(state.params, frozen, batch, rng, state.step)
+        unet = state.params["unet"]
+        shares = on_streams(self._slice_gradients, [(unet, inputs) for inputs in sliced])
+        return self._update(state, shares, weight)
