@@ -6,7 +6,9 @@ r"""Where the stage-2 train step's time goes: its device kernels, summed by kind
 
 Compiles the train step of ``bench/gpu_bench.py`` (same models, attention
 kernel, remat policy and state layout; ``--config base`` is configs/base.py's
-models at its stage-2 batch of 16), in ``--dtype`` (default bfloat16 on an
+models at its stage-2 batch of 16) as one program (on one CPU device the
+trainer runs its batch slices as concurrent programs instead:
+``ldm_jax.training.concurrent_slices``), in ``--dtype`` (default bfloat16 on an
 accelerator, float32 on a CPU) with float32 params, runs two warm-up steps and
 three unprofiled rounds of ``--steps`` steps (their median step time, with
 the model FLOPs and MFU as ``gpu_bench`` counts them), then ``--steps``

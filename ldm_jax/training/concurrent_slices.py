@@ -82,10 +82,10 @@ def on_streams(fn: Callable[..., Any], per_stream_args: Iterable[Sequence[Any]])
     return results
 
 
-def _prepare(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
-             batch: Mapping[str, jax.Array], rng: jax.Array,
+def _prepare(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
              step: jax.Array) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array]:
-    inputs = denoising_inputs(task, params, frozen, batch, jax.random.fold_in(rng, step))
+    # No trained params: with a frozen text encoder the inputs do not depend on them.
+    inputs = denoising_inputs(task, {}, frozen, batch, jax.random.fold_in(rng, step))
     k = task.batch_slices
     sliced = tuple({name: value.reshape(value.shape[0] // k, k, *value.shape[1:])[:, s]
                     for name, value in inputs.items()} for s in range(k))
@@ -129,7 +129,7 @@ class ConcurrentSliceStep:
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], frozen: Mapping[str, Any],
                  rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         """One step: dispatches the programs and returns without waiting for them."""
-        sliced, weight = self._prepare(state.params, frozen, batch, rng, state.step)
+        sliced, weight = self._prepare(frozen, batch, rng, state.step)
         unet = state.params["unet"]
         shares = on_streams(self._slice_gradients, [(unet, inputs) for inputs in sliced])
         return self._update(state, shares, weight)
