@@ -48,14 +48,19 @@ def streams_supported() -> bool:
     return hasattr(xla_client, "execution_stream_id")
 
 
+def check_slice_execution(value: str) -> None:
+    """ValueError naming ``diffusion.slice_execution`` unless ``value`` is one of :data:`SLICE_EXECUTION`."""
+    if value not in SLICE_EXECUTION:
+        raise ValueError(f"diffusion.slice_execution must be one of {list(SLICE_EXECUTION)}, got {value!r}")
+
+
 def resolve_concurrent_slices(requested: str, slices: int, train_text_encoder: bool) -> bool:
     """Whether stage 2 runs its ``slices`` batch slices as concurrent programs (``diffusion.slice_execution``).
 
     'auto': yes when there is more than one slice and the step qualifies (module docstring); 'in_program': no;
     'concurrent': yes, and ValueError naming the key and the reason when the step does not qualify.
     """
-    if requested not in SLICE_EXECUTION:
-        raise ValueError(f"diffusion.slice_execution must be one of {list(SLICE_EXECUTION)}, got {requested!r}")
+    check_slice_execution(requested)
     if requested == "in_program" or slices == 1:
         return False
     reasons = []
@@ -121,7 +126,6 @@ class ConcurrentSliceStep:
         """Jit the three programs (each compiled at its first call)."""
         if task.train_text_encoder:
             raise ValueError("concurrent batch slices need a frozen text encoder (diffusion.train_text_encoder)")
-        self.slices = task.batch_slices
         self._prepare = jax.jit(functools.partial(_prepare, task))
         self._slice_gradients = jax.jit(functools.partial(_slice_gradients, task))
         self._update = jax.jit(functools.partial(_update, task, optimizer), donate_argnums=0)

@@ -35,7 +35,7 @@ from ldm_jax.data.config import data_config
 from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import REMAT_POLICIES
 from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
-from ldm_jax.training.concurrent_slices import SLICE_EXECUTION
+from ldm_jax.training.concurrent_slices import check_slice_execution
 from ldm_jax.training.diffusion_step import TIMESTEP_SAMPLING
 from ldm_jax.training.nonfinite import POLICIES
 from ldm_jax.training.state import OPTIMIZER_DEFAULTS, check_state_layout
@@ -215,9 +215,7 @@ def validate(config: Mapping[str, Any]) -> None:
                          f"{d['timestep_sampling']!r}")
     if d["batch_slices"] < 0:
         raise ValueError(f"diffusion.batch_slices must be 0 (auto) or positive, got {d['batch_slices']}")
-    if d["slice_execution"] not in SLICE_EXECUTION:
-        raise ValueError(f"diffusion.slice_execution must be one of {list(SLICE_EXECUTION)}, got "
-                         f"{d['slice_execution']!r}")
+    check_slice_execution(d["slice_execution"])
     if d["slice_execution"] == "concurrent" and d["train_text_encoder"]:
         raise ValueError("diffusion.slice_execution='concurrent' needs a frozen text encoder "
                          "(diffusion.train_text_encoder=False)")
