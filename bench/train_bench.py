@@ -79,8 +79,8 @@ from ldm_jax import host_memory
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
-from ldm_jax.training.concurrent_slices import SLICE_EXECUTION, on_streams, resolve_concurrent_slices
-from ldm_jax.training.diffusion_step import in_slices, resolve_batch_slices
+from ldm_jax.training.concurrent_slices import SLICE_EXECUTION, on_streams, resolve_concurrent_slices, sum_trees
+from ldm_jax.training.diffusion_step import in_slices, resolve_batch_slices, slice_of
 from ldm_jax.training.state import make_optimizer
 
 CONTEXT_LENGTH = 16  # configs/base.py's text length
@@ -136,15 +136,14 @@ def make_concurrent_programs(unet: UNet2DConditionModel, optimizer: optax.Gradie
     def prepare(rng, x0, context):
         rng, step_rng = jax.random.split(rng)
         t, noise = _timesteps_and_noise(schedule, step_rng, x0)
-        split = lambda a, s: a.reshape(a.shape[0] // slices, slices, *a.shape[1:])[:, s]
-        return rng, tuple(tuple(split(a, s) for a in (x0, noise, t, context)) for s in range(slices))
+        return rng, tuple(tuple(slice_of(a, slices, s) for a in (x0, noise, t, context)) for s in range(slices))
 
     def slice_grads(params, x0, noise, t, context):
         share = lambda p: jnp.sum(_example_mse(unet, schedule, p, x0, noise, t, context)) / (x0.shape[0] * slices)
         return jax.value_and_grad(share)(params)
 
     def update(params, opt_state, shares):
-        grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *(grad for _, grad in shares))
+        grads = sum_trees([grad for _, grad in shares])
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, sum(loss for loss, _ in shares)
 

@@ -37,7 +37,7 @@ import optax
 from jaxlib import xla_client
 
 from ldm_jax.training.diffusion_step import (UNET_INPUTS, DiffusionTask, apply_gradients, denoising_inputs,
-                                             example_mse)
+                                             example_mse, slice_of)
 from ldm_jax.training.state import TrainState
 
 SLICE_EXECUTION = ("auto", "concurrent", "in_program")
@@ -87,13 +87,17 @@ def on_streams(fn: Callable[..., Any], per_stream_args: Iterable[Sequence[Any]])
     return results
 
 
+def sum_trees(trees: Sequence[Any]) -> Any:
+    """The leafwise sum of trees of one structure (the slices' gradient shares)."""
+    return jax.tree.map(lambda *leaves: sum(leaves[1:], leaves[0]), *trees)
+
+
 def _prepare(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
              step: jax.Array) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array]:
     # No trained params: with a frozen text encoder the inputs do not depend on them.
     inputs = denoising_inputs(task, {}, frozen, batch, jax.random.fold_in(rng, step))
     k = task.batch_slices
-    sliced = tuple({name: value.reshape(value.shape[0] // k, k, *value.shape[1:])[:, s]
-                    for name, value in inputs.items()} for s in range(k))
+    sliced = tuple({name: slice_of(value, k, s) for name, value in inputs.items()} for s in range(k))
     return sliced, jnp.mean(inputs["weight"])
 
 
@@ -112,7 +116,7 @@ def _slice_gradients(task: DiffusionTask, unet_params: Mapping[str, Any],
 def _update(task: DiffusionTask, optimizer: optax.GradientTransformation, state: TrainState,
             shares: Sequence[tuple[Any, jax.Array, jax.Array]],
             weight: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-    grads = jax.tree.map(lambda *g: sum(g[1:], g[0]), *(share[0] for share in shares))
+    grads = sum_trees([share[0] for share in shares])
     metrics = {"loss": sum(share[1] for share in shares), "mse": sum(share[2] for share in shares),
                "weight": weight}
     return apply_gradients(task, optimizer, state, {"unet": grads}, metrics)

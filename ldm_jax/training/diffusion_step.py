@@ -125,17 +125,21 @@ def resolve_batch_slices(requested: int, device_batch: int) -> int:
     return 1
 
 
-def in_slices(fn: Callable[..., jax.Array], slices: int, *batched: jax.Array) -> jax.Array:
-    """``fn(*batched)`` (one value per example, [B]) computed on ``slices`` interleaved slices of the batch.
+def slice_of(batched: jax.Array, slices: int, index: int) -> jax.Array:
+    """Interleaved slice ``index`` of ``slices`` of a batch: rows index, index + k, index + 2k, ...
 
-    Slice s holds rows s, s + k, s + 2k, ...: when a batch is split over devices in contiguous blocks whose
-    size ``slices`` divides, every slice is split over the devices the same way, without moving data. The
-    results come back in batch order.
+    When a batch is split over devices in contiguous blocks whose size ``slices`` divides, every slice is split
+    over the devices the same way, without moving data.
     """
+    return batched.reshape(batched.shape[0] // slices, slices, *batched.shape[1:])[:, index]
+
+
+def in_slices(fn: Callable[..., jax.Array], slices: int, *batched: jax.Array) -> jax.Array:
+    """``fn(*batched)`` (one value per example, [B]) computed on ``slices`` interleaved slices of the batch
+    (`slice_of`); the results come back in batch order."""
     if slices == 1:
         return fn(*batched)
-    parts = [fn(*(a.reshape(a.shape[0] // slices, slices, *a.shape[1:])[:, s] for a in batched))
-             for s in range(slices)]
+    parts = [fn(*(slice_of(a, slices, s) for a in batched)) for s in range(slices)]
     return jnp.stack(parts, axis=1).reshape(-1)
 
 
