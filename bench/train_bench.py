@@ -187,7 +187,7 @@ def jax_runner(config: dict[str, Any], x0: np.ndarray, context: np.ndarray, batc
     state = [(params, optimizer.init(params), jax.random.key(1))]
     inputs = (jnp.asarray(x0), jnp.asarray(context))
     slices = resolve_batch_slices(batch_slices, x0.shape[0])
-    concurrent = resolve_concurrent_slices(slice_execution, slices, train_text_encoder=False)
+    concurrent = resolve_concurrent_slices(slice_execution, slices)
     traced = make_jax_step(unet, optimizer, slices).trace(state[0], *inputs)
     described = dict(batch_slices=slices, concurrent_slices=concurrent, model_flops=jaxpr_flops(traced.jaxpr))
     if not concurrent:

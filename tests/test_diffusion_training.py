@@ -244,14 +244,30 @@ def test_stopped_and_resumed_run_matches_uninterrupted(chain, tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
+def assert_trained_alike(got, expected) -> None:
+    """The trees of two short runs of one training, their gradients summed in another order, are alike.
+
+    Adam divides by the gradient's root mean square, so near-zero gradient entries summed in another order move
+    by up to ~1e-5 after a few steps of 1e-3 (the whole update): each leaf within 1e-3 of its largest entry. A
+    text encoder's key biases have a zero gradient (softmax ignores a score added to every key), so Adam turns
+    their rounding noise into steps: in both runs they must stay below 2e-4, far from the 1e-3 a step of a real
+    gradient moves a parameter.
+    """
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(expected), strict=True):
+        if "k_proj" in jax.tree_util.keystr(path) and np.ndim(x) == 1:
+            assert max(np.abs(x).max(), np.abs(y).max()) < 2e-4, jax.tree_util.keystr(path)
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-3 * float(np.abs(y).max()),
+                                       err_msg=jax.tree_util.keystr(path))
+
+
 def _start_stage2_on_one_device(chain, workdir: str, slice_execution: str) -> subprocess.Popen:
-    """Start stage 2 of the chain (2 steps, frozen text encoder) in a new process on one CPU device, from a copy of
-    the chain's workdir without its stage-2 checkpoints (its stderr piped)."""
+    """Start stage 2 of the chain (2 steps, the text encoder trained) in a new process on one CPU device, from a
+    copy of the chain's workdir without its stage-2 checkpoints (its stderr piped)."""
     _, source, data_dir = chain
     shutil.copytree(source, workdir)
     shutil.rmtree(checkpoints.checkpoint_dir(workdir))
-    diffusion = {**_DIFFUSION, "steps": 2, "sample_every": -1, "train_text_encoder": False,
-                 "slice_execution": slice_execution}
+    diffusion = {**_DIFFUSION, "steps": 2, "sample_every": -1, "slice_execution": slice_execution}
     code = ("from absl import logging; from ldm_jax.train import run; "
             "from tests.test_autoencoder_training import _config; logging.set_verbosity('info'); "
             f"run(_config({data_dir!r}, stages='diffusion', diffusion={diffusion!r}), {workdir!r})")
@@ -264,8 +280,9 @@ def _start_stage2_on_one_device(chain, workdir: str, slice_execution: str) -> su
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU device takes 2 batch slices with 2 cores")
 def test_the_trainer_runs_concurrent_slices_on_one_cpu_device_as_it_runs_one_program(chain, tmp_path):
-    """The stage-2 loop on one CPU device with 2 cores: 'auto' runs 2 slices as concurrent programs, and its
-    checkpoint (params, EMA, optimizer moments) and logged losses match 'in_program''s."""
+    """The stage-2 loop on one CPU device with 2 cores, the text encoder trained: 'auto' runs 2 slices as
+    concurrent programs, and its checkpoint (params, EMA, optimizer moments) and logged losses match
+    'in_program''s."""
     processes = {mode: _start_stage2_on_one_device(chain, str(tmp_path / mode), mode)
                  for mode in ("auto", "in_program")}  # side by side: most of each is a single-threaded compile
     logs = {mode: process.communicate(timeout=600)[1] for mode, process in processes.items()}
@@ -277,9 +294,7 @@ def test_the_trainer_runs_concurrent_slices_on_one_cpu_device_as_it_runs_one_pro
               for mode in logs}
     assert len(losses["auto"]) == 2
     np.testing.assert_allclose(losses["auto"], losses["in_program"], rtol=2e-5)
-    a, b = (_saved(str(tmp_path / mode), 2) for mode in logs)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-3 * float(np.abs(y).max()))
+    assert_trained_alike(*(_saved(str(tmp_path / mode), 2) for mode in logs))
 
 
 @pytest.mark.parametrize("state_layout", ["auto", "default"])

@@ -9,25 +9,29 @@ is a program of its own, with buffers of its own, and the step is 2 + k
 programs:
 
 1. ``prepare``: `diffusion_step.denoising_inputs` of the whole batch (latent
-   samples, the frozen text encoder, timesteps, noise and loss weights),
-   split into k interleaved slices as `in_slices` splits them;
+   samples, the text encoder, timesteps, noise and loss weights), split
+   into k interleaved slices as `in_slices` splits them;
 2. k x ``slice_gradients``: the U-Net's forward and backward pass on one
-   slice, giving its share of the loss and of the gradient. Each is
+   slice, giving its share of the loss and of the gradient (with a trained
+   text encoder, also the gradient of the slice's context). Each is
    dispatched on an XLA execution stream of its own (`on_streams`): the
    runtime runs one stream's programs one after another, and programs on
    different streams side by side, ordered only by the data they share;
-3. ``update``: the shares summed, then `diffusion_step.apply_gradients`
-   (optimizer, EMA, non-finite guard), the state donated.
+3. ``update``: the shares summed (a trained text encoder's gradient pulled
+   back from the slices' context gradients through its forward pass, run
+   again: a closure cannot pass between programs), then
+   `diffusion_step.apply_gradients` (optimizer, EMA, non-finite guard), the
+   state donated.
 
 The loss and the update are `diffusion_step.train_step`'s up to float
 rounding (the gradient summed in another order). README "Results" gives the
 speed against one program with the same slices. `resolve_concurrent_slices`
 says where this applies: one device (several devices already run side by
 side, and a program per slice would gather sharded parameters once per
-slice), a CPU, and a frozen text encoder (a trained one would need the
-context's gradient carried from the slices into the update).
+slice) and a CPU.
 """
 
+import copy
 import functools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -37,10 +41,11 @@ import optax
 from jaxlib import xla_client
 
 from ldm_jax.training.diffusion_step import (UNET_INPUTS, DiffusionTask, apply_gradients, denoising_inputs,
-                                             example_mse, slice_of)
+                                             example_mse, from_slices, slice_of, text_context)
 from ldm_jax.training.state import TrainState
 
 SLICE_EXECUTION = ("auto", "concurrent", "in_program")
+PROGRAMS = ("prepare", "slice_gradients", "update")  # the programs of a step, in the order they run
 
 
 def streams_supported() -> bool:
@@ -54,7 +59,7 @@ def check_slice_execution(value: str) -> None:
         raise ValueError(f"diffusion.slice_execution must be one of {list(SLICE_EXECUTION)}, got {value!r}")
 
 
-def resolve_concurrent_slices(requested: str, slices: int, train_text_encoder: bool) -> bool:
+def resolve_concurrent_slices(requested: str, slices: int) -> bool:
     """Whether stage 2 runs its ``slices`` batch slices as concurrent programs (``diffusion.slice_execution``).
 
     'auto': yes when there is more than one slice and the step qualifies (module docstring); 'in_program': no;
@@ -68,8 +73,6 @@ def resolve_concurrent_slices(requested: str, slices: int, train_text_encoder: b
         reasons.append(f"it runs on one device, this run has {jax.device_count()}")
     if jax.default_backend() != "cpu":
         reasons.append(f"it is for a CPU, this run is on {jax.default_backend()!r}")
-    if train_text_encoder:
-        reasons.append("diffusion.train_text_encoder must be False")
     if not streams_supported():
         reasons.append("this jaxlib has no xla_client.execution_stream_id")
     if reasons and requested == "concurrent":
@@ -92,52 +95,80 @@ def sum_trees(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *leaves: sum(leaves[1:], leaves[0]), *trees)
 
 
-def _prepare(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
-             step: jax.Array) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array]:
-    # No trained params: with a frozen text encoder the inputs do not depend on them.
-    inputs = denoising_inputs(task, {}, frozen, batch, jax.random.fold_in(rng, step))
+def _prepare(task: DiffusionTask, text_params: Mapping[str, Any], frozen: Mapping[str, Any],
+             batch: Mapping[str, jax.Array], rng: jax.Array,
+             step: jax.Array) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array, jax.Array]:
+    # ``text_params``: the trained text encoder's params, or {} when it is frozen (in ``frozen``).
+    params = {"text_encoder": text_params} if task.train_text_encoder else {}
+    inputs = denoising_inputs(task, params, frozen, batch, jax.random.fold_in(rng, step))
     k = task.batch_slices
-    sliced = tuple({name: slice_of(value, k, s) for name, value in inputs.items()} for s in range(k))
-    return sliced, jnp.mean(inputs["weight"])
+    sliced = tuple({name: slice_of(inputs[name], k, s) for name in (*UNET_INPUTS, "weight")} for s in range(k))
+    return sliced, jnp.mean(inputs["weight"]), inputs["ids"]
 
 
 def _slice_gradients(task: DiffusionTask, unet_params: Mapping[str, Any],
                      inputs: Mapping[str, jax.Array]) -> tuple[Any, jax.Array, jax.Array]:
+    # The gradient share of the U-Net's params and, with a trained text encoder, of the slice's context.
     batch_size = inputs["t"].shape[0] * task.batch_slices
 
-    def loss_share(unet_params):
-        mse = example_mse(task, unet_params, *(inputs[name] for name in UNET_INPUTS))
+    def loss_share(unet_params, context):
+        mse = example_mse(task, unet_params, inputs["z_t"], inputs["t"], context, inputs["target"])
         return jnp.sum(inputs["weight"] * mse) / batch_size, jnp.sum(mse) / batch_size
 
-    (loss, mse), grads = jax.value_and_grad(loss_share, has_aux=True)(unet_params)
+    argnums = (0, 1) if task.train_text_encoder else 0
+    (loss, mse), grads = jax.value_and_grad(loss_share, argnums, has_aux=True)(unet_params, inputs["context"])
     return grads, loss, mse
 
 
 def _update(task: DiffusionTask, optimizer: optax.GradientTransformation, state: TrainState,
-            shares: Sequence[tuple[Any, jax.Array, jax.Array]],
-            weight: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-    grads = sum_trees([share[0] for share in shares])
+            shares: Sequence[tuple[Any, jax.Array, jax.Array]], weight: jax.Array,
+            ids: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
     metrics = {"loss": sum(share[1] for share in shares), "mse": sum(share[2] for share in shares),
                "weight": weight}
-    return apply_gradients(task, optimizer, state, {"unet": grads}, metrics)
+    if not task.train_text_encoder:
+        return apply_gradients(task, optimizer, state, {"unet": sum_trees([share[0] for share in shares])}, metrics)
+    # The text encoder's gradient: its forward pass again, pulled back from the slices' context gradients.
+    context_grad = from_slices([share[0][1] for share in shares])
+    _, pullback = jax.vjp(lambda params: text_context(task, params, ids), state.params["text_encoder"])
+    grads = {"unet": sum_trees([share[0][0] for share in shares]), "text_encoder": pullback(context_grad)[0]}
+    return apply_gradients(task, optimizer, state, grads, metrics)
 
 
 class ConcurrentSliceStep:
     """``step(state, batch, frozen, rng) -> (state, metrics)``: `diffusion_step.train_step`'s update, run as
-    the programs of the module docstring on ``task.batch_slices`` slices (the state donated)."""
+    the programs of the module docstring on ``task.batch_slices`` slices (the state donated).
+
+    ``programs`` maps 'prepare', 'slice_gradients' and 'update' to the
+    programs: jitted (each compiled at its first call), or compiled ahead of
+    time by `compile`.
+    """
 
     def __init__(self, task: DiffusionTask, optimizer: optax.GradientTransformation):
-        """Jit the three programs (each compiled at its first call)."""
-        if task.train_text_encoder:
-            raise ValueError("concurrent batch slices need a frozen text encoder (diffusion.train_text_encoder)")
-        self._prepare = jax.jit(functools.partial(_prepare, task))
-        self._slice_gradients = jax.jit(functools.partial(_slice_gradients, task))
-        self._update = jax.jit(functools.partial(_update, task, optimizer), donate_argnums=0)
+        """Jit the three programs."""
+        self.programs = {"prepare": jax.jit(functools.partial(_prepare, task)),
+                         "slice_gradients": jax.jit(functools.partial(_slice_gradients, task)),
+                         "update": jax.jit(functools.partial(_update, task, optimizer), donate_argnums=0)}
+
+    def compile(self, state: TrainState, batch: Mapping[str, Any], frozen: Mapping[str, Any],
+                rng: jax.Array) -> "ConcurrentSliceStep":
+        """This step with its programs compiled for these arguments' shapes (arrays or ``ShapeDtypeStruct``s:
+        nothing runs), as ``jax.stages.Compiled`` (their HLO text, cost and memory analyses)."""
+        prepare, slice_gradients, update = (self.programs[name] for name in PROGRAMS)
+        prepare_args = (state.params.get("text_encoder", {}), frozen, batch, rng, state.step)
+        sliced, weight, ids = jax.eval_shape(prepare, *prepare_args)
+        unet = state.params["unet"]
+        shares = [jax.eval_shape(slice_gradients, unet, inputs) for inputs in sliced]
+        compiled = copy.copy(self)
+        compiled.programs = {"prepare": prepare.lower(*prepare_args).compile(),
+                             "slice_gradients": slice_gradients.lower(unet, sliced[0]).compile(),
+                             "update": update.lower(state, shares, weight, ids).compile()}
+        return compiled
 
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], frozen: Mapping[str, Any],
                  rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         """One step: dispatches the programs and returns without waiting for them."""
-        sliced, weight = self._prepare(frozen, batch, rng, state.step)
+        prepare, slice_gradients, update = (self.programs[name] for name in PROGRAMS)
+        sliced, weight, ids = prepare(state.params.get("text_encoder", {}), frozen, batch, rng, state.step)
         unet = state.params["unet"]
-        shares = on_streams(self._slice_gradients, [(unet, inputs) for inputs in sliced])
-        return self._update(state, shares, weight)
+        shares = on_streams(slice_gradients, [(unet, inputs) for inputs in sliced])
+        return update(state, shares, weight, ids)

@@ -111,8 +111,7 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
     batch_size = d["batch_size"] or config["data"]["batch_size"]
     parallel.check_batch(batch_size, mesh)
     stage, manifest = setup(config, workdir, batch_size // parallel.data_parallel_size(mesh))
-    concurrent = resolve_concurrent_slices(d["slice_execution"], stage.task.batch_slices,
-                                           stage.task.train_text_encoder)
+    concurrent = resolve_concurrent_slices(d["slice_execution"], stage.task.batch_slices)
     logging.info("stage 2: the U-Net runs on %d slice(s) of each device's batch%s", stage.task.batch_slices,
                  ", as concurrent programs" if concurrent else "")
     optimizer = make_optimizer(d["optimizer"], d["steps"])

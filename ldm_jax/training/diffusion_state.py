@@ -132,10 +132,10 @@ def compile_train_step(step: Any, state: TrainState, *args: Any) -> tuple[Any, T
     The state is lowered abstractly, so that an 'auto' layout is XLA's to
     pick; the arrays it returns keep the picked layouts step after step, and
     any other jitted function or checkpoint reads them as usual. A
-    `ConcurrentSliceStep` comes back as it is (its programs compile at their
-    first call), with the state unmoved."""
+    `ConcurrentSliceStep` comes back with its programs compiled
+    (`ConcurrentSliceStep.compile`), the state unmoved (default layouts)."""
     if isinstance(step, ConcurrentSliceStep):
-        return step, state
+        return step.compile(state, *args), state
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     compiled = step.lower(abstract, *args).compile()
     return compiled, jax.device_put(state, compiled.input_formats[0][0], donate=True)

@@ -90,7 +90,7 @@ DIFFUSION_DEFAULTS = dict(
     batch_slices=0,          # the U-Net's forward and backward passes over this many slices of each device's batch,
                              # run side by side: 0 = auto (2 on a single CPU device, else 1; diffusion_step.py)
     slice_execution="auto",  # batch slices as 'concurrent' programs of their own or 'in_program'; 'auto' = concurrent
-                             # on one CPU device with a frozen text encoder (training/concurrent_slices.py)
+                             # on one CPU device (training/concurrent_slices.py)
     remat_policy="none",     # U-Net activation rematerialization: none, full, dots_saveable,
                              # dots_with_no_batch_dims_saveable (ldm_jax/models/layers.py)
     state_layout="auto",     # memory layouts of params, optimizer state and EMA: 'auto' (XLA's pick for the step;
@@ -216,9 +216,6 @@ def validate(config: Mapping[str, Any]) -> None:
     if d["batch_slices"] < 0:
         raise ValueError(f"diffusion.batch_slices must be 0 (auto) or positive, got {d['batch_slices']}")
     check_slice_execution(d["slice_execution"])
-    if d["slice_execution"] == "concurrent" and d["train_text_encoder"]:
-        raise ValueError("diffusion.slice_execution='concurrent' needs a frozen text encoder "
-                         "(diffusion.train_text_encoder=False)")
     if not d["timestep_logit_std"] > 0:
         raise ValueError(f"diffusion.timestep_logit_std must be positive, got {d['timestep_logit_std']}")
     if ("diffusion" in stages(config) and d["sample_every"] >= 0 and list(d["sample_prompts"]) == [""]
