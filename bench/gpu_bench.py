@@ -177,7 +177,8 @@ def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state
 
     Returns ``jitted`` (the step, donating the state, its layouts per
     ``state_layout``: compile it with ``diffusion_state.compile_train_step``),
-    ``args`` (state, batch, frozen params, rng), the latent ``shape`` and
+    its ``task`` and ``optimizer``, ``args`` (state, batch, frozen params,
+    rng), the latent ``shape`` and
     ``flops``: ``jaxpr_flops`` of the same step traced with plain-XLA
     attention and no remat (a cuDNN attention kernel is opaque to the count;
     remat would add recomputation)."""
@@ -231,7 +232,8 @@ def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state
                      out_shardings=(state_formats, None))
     flops = jaxpr_flops(jax.make_jaxpr(functools.partial(train_step, task_for("xla", "none"), optimizer))(
         state, batch, frozen, step_rng))
-    return dict(jitted=jitted, args=(state, batch, frozen, step_rng), shape=shape, flops=flops)
+    return dict(jitted=jitted, args=(state, batch, frozen, step_rng), shape=shape, flops=flops, task=task,
+                optimizer=optimizer)
 
 
 def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_layout: str) -> dict:

@@ -6,9 +6,10 @@ r"""Where the stage-2 train step's time goes: its device kernels, summed by kind
 
 Compiles the train step of ``bench/gpu_bench.py`` (same models, attention
 kernel, remat policy and state layout; ``--config base`` is configs/base.py's
-models at its stage-2 batch of 16) as one program (on one CPU device the
-trainer runs its batch slices as concurrent programs instead:
-``ldm_jax.training.concurrent_slices``), in ``--dtype`` (default bfloat16 on an
+models at its stage-2 batch of 16), its batch slices run as the trainer runs
+them (``--slice-execution``, default ``auto``: on one CPU device as
+concurrent programs, ``ldm_jax.training.concurrent_slices``, else in one
+program), in ``--dtype`` (default bfloat16 on an
 accelerator, float32 on a CPU) with float32 params, runs two warm-up steps and
 three unprofiled rounds of ``--steps`` steps (their median step time, with
 the model FLOPs and MFU as ``gpu_bench`` counts them), then ``--steps``
@@ -104,9 +105,31 @@ def kernel_kind(name: str, instruction: dict | None) -> str:
     return "elementwise"
 
 
-def device_kernel_events(trace_dir: str, instructions: dict[str, dict]) -> list[tuple[str, float, float]]:
-    """``(kernel, start µs, duration µs)`` of every kernel in the profile under ``trace_dir``: every event of the
-    GPU streams or, on a CPU, the events of XLA's threads that name one of the program's ``instructions``."""
+def program_texts(compiled) -> list[str]:
+    """The optimized HLO of each program of a compiled step: its one program's, or a compiled
+    ``ConcurrentSliceStep``'s three."""
+    programs = getattr(compiled, "programs", None)
+    return [program.as_text() for program in programs.values()] if programs else [compiled.as_text()]
+
+
+def program_instructions(texts: list[str]) -> dict[str, dict[str, dict]]:
+    """`parse_hlo` of each program's HLO text, by the name of its HLO module (which the profiler's events name)."""
+    return {re.match(r"HloModule ([\w.\-]+)", text).group(1): parse_hlo(text) for text in texts}
+
+
+def instruction_of(programs: dict[str, dict[str, dict]], module: str, kernel: str) -> dict | None:
+    """The HLO instruction (`parse_hlo`) of ``kernel`` in the program whose module is ``module``; an event that
+    names no module ('') is read as the only program's."""
+    if module not in programs and len(programs) == 1:
+        module = next(iter(programs))
+    return programs.get(module, {}).get(kernel_name(kernel))
+
+
+def device_kernel_events(trace_dir: str,
+                         programs: dict[str, dict[str, dict]]) -> list[tuple[str, str, float, float]]:
+    """``(module, kernel, start µs, duration µs)`` of every kernel in the profile under ``trace_dir``: every
+    event of the GPU streams or, on a CPU, the events of XLA's threads that name an instruction of one of the
+    ``programs`` (`program_instructions`). ``module`` is the HLO module the event names, else ''."""
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
@@ -114,40 +137,41 @@ def device_kernel_events(trace_dir: str, instructions: dict[str, dict]) -> list[
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     gpu = any(name.startswith("Stream") for name in threads.values())
     wanted = {key for key, name in threads.items() if (name.startswith("Stream") if gpu else "XLA" in name)}
-    return [(event["name"], event["ts"], event["dur"]) for event in events
-            if event.get("ph") == "X" and (event["pid"], event["tid"]) in wanted
-            and (gpu or kernel_name(event["name"]) in instructions)]
+    kernels = [(event.get("args", {}).get("hlo_module", ""), event["name"], event["ts"], event["dur"])
+               for event in events if event.get("ph") == "X" and (event["pid"], event["tid"]) in wanted]
+    return [k for k in kernels if gpu or instruction_of(programs, k[0], k[1]) is not None]
 
 
-def kernel_times(events: list[tuple[str, float, float]]) -> dict[str, list[float]]:
-    """``{kernel: [total seconds, launches]}`` of :func:`device_kernel_events`' events."""
-    times: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for name, _, duration in events:
-        times[name][0] += duration * 1e-6
-        times[name][1] += 1
+def kernel_times(events: list[tuple[str, str, float, float]]) -> dict[tuple[str, str], list[float]]:
+    """``{(module, kernel): [total seconds, launches]}`` of :func:`device_kernel_events`' events."""
+    times: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for module, name, _, duration in events:
+        times[module, name][0] += duration * 1e-6
+        times[module, name][1] += 1
     return dict(times)
 
 
-def busy_seconds(events: list[tuple[str, float, float]]) -> float:
+def busy_seconds(events: list[tuple[str, str, float, float]]) -> float:
     """The time during which at least one of the events runs (the union of their intervals), in seconds."""
     busy, end = 0.0, float("-inf")
-    for _, start, duration in sorted(events, key=lambda event: event[1]):
+    for _, _, start, duration in sorted(events, key=lambda event: event[2]):
         busy += max(0.0, start + duration - max(start, end))
         end = max(end, start + duration)
     return busy * 1e-6
 
 
-def summarize(times: dict[str, list[float]], instructions: dict[str, dict], steps: int, wall_s: float,
-              top: int, busy_s: float) -> dict:
-    """Per-step kernel time in total, by kind and for the ``top`` costliest kernels (with their HLO), and the
-    idle time: ``wall_s`` less ``busy_s``, the time any kernel ran."""
+def summarize(times: dict[tuple[str, str], list[float]], programs: dict[str, dict[str, dict]], steps: int,
+              wall_s: float, top: int, busy_s: float) -> dict:
+    """Per-step kernel time in total, by kind and for the ``top`` costliest kernels (with their program and
+    HLO), and the idle time: ``wall_s`` less ``busy_s``, the time any kernel ran."""
     by_kind = dict.fromkeys(KINDS, 0.0)
     kernels = []
-    for name, (seconds, launches) in times.items():
-        instruction = instructions.get(kernel_name(name))
+    for (module, name), (seconds, launches) in times.items():
+        instruction = instruction_of(programs, module, name)
         kind = kernel_kind(name, instruction)
         by_kind[kind] += seconds / steps
-        kernels.append(dict(name=name, kind=kind, ms=1e3 * seconds / steps, launches=launches / steps,
+        kernels.append(dict(name=name, program=module, kind=kind, ms=1e3 * seconds / steps,
+                            launches=launches / steps,
                             shape=instruction["shape"] if instruction else "",
                             op_name=instruction["op_name"] if instruction else ""))
     kernels.sort(key=lambda k: -k["ms"])
@@ -178,12 +202,12 @@ def profile_step(compiled, args: tuple, steps: int, top: int, timed_rounds: int 
 
     run(2)
     timed_step_ms = statistics.median(1e3 * run(steps) / steps for _ in range(timed_rounds))
-    instructions = parse_hlo(compiled.as_text())
+    programs = program_instructions(program_texts(compiled))
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             wall_s = run(steps)
-        events = device_kernel_events(trace_dir, instructions)
-    return dict(summarize(kernel_times(events), instructions, steps, wall_s, top, busy_seconds(events)),
+        events = device_kernel_events(trace_dir, programs)
+    return dict(summarize(kernel_times(events), programs, steps, wall_s, top, busy_seconds(events)),
                 timed_step_ms=timed_step_ms)
 
 
@@ -195,8 +219,10 @@ def print_summary(record: dict) -> None:
           f"{record['idle_ms']:.1f} ms")
     for kind, ms in record["kind_ms"].items():
         print(f"  {kind:12s} {ms:8.2f} ms  {100 * ms / record['kernel_ms']:5.1f}%")
+    several = len({k["program"] for k in record["top_kernels"]}) > 1  # then each kernel's program is named
     for k in record["top_kernels"]:
-        print(f"  {k['ms']:7.3f} ms x{k['launches']:<4g} {k['kind']:11s} {k['name'][:48]:48s} {k['shape'][:40]:40s} "
+        name = f"{k['program']}:{k['name']}" if several else k["name"]
+        print(f"  {k['ms']:7.3f} ms x{k['launches']:<4g} {k['kind']:11s} {name[:48]:48s} {k['shape'][:40]:40s} "
               f"{k['op_name'][-90:]}")
 
 
@@ -204,6 +230,7 @@ def main(argv=None) -> dict:
     """Entry point of ``python -m bench.step_profile``."""
     from bench import gpu_bench
     from bench.hardware import peak_flops, utilization
+    from ldm_jax.training.concurrent_slices import SLICE_EXECUTION
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     specs = {**gpu_bench.SPECS, **EXTRA_CONFIGS}
@@ -217,10 +244,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--top", type=int, default=60, help="kernels listed")
     parser.add_argument("--hlo-out", help="also write the optimized HLO here (gzipped)")
+    parser.add_argument("--slice-execution", choices=SLICE_EXECUTION, default="auto",
+                        help="batch slices as concurrent programs or in one (default: the trainer's choice)")
     args = parser.parse_args(argv)
 
     import jax
 
+    from ldm_jax.training.concurrent_slices import ConcurrentSliceStep, resolve_concurrent_slices
     from ldm_jax.training.diffusion_state import compile_train_step
 
     impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
@@ -228,16 +258,20 @@ def main(argv=None) -> dict:
     spec = specs[args.config]
     prepared = gpu_bench.prepare_train(gpu_bench.model_configs(spec["module"]), spec, impl, args.remat_policy,
                                        args.state_layout, dtype)
-    compile_s, (compiled, state) = gpu_bench.timed(lambda: compile_train_step(prepared["jitted"], *prepared["args"]))
+    slices = prepared["task"].batch_slices
+    concurrent = resolve_concurrent_slices(args.slice_execution, slices)
+    step = ConcurrentSliceStep(prepared["task"], prepared["optimizer"]) if concurrent else prepared["jitted"]
+    compile_s, (compiled, state) = gpu_bench.timed(lambda: compile_train_step(step, *prepared["args"]))
     record = dict(config=args.config, device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__,
                   attention_impl=impl, remat_policy=args.remat_policy, state_layout=args.state_layout,
-                  compute_dtype=dtype, batch=spec["train_batch"], compile_s=compile_s,
+                  compute_dtype=dtype, batch=spec["train_batch"], batch_slices=slices, concurrent_slices=concurrent,
+                  compile_s=compile_s,
                   **profile_step(compiled, (state, *prepared["args"][1:]), args.steps, args.top))
     record.update(model_flops_per_step=prepared["flops"],
                   **utilization(prepared["flops"], record["timed_step_ms"] / 1e3, peak_flops(record["device_kind"])))
     if args.hlo_out:
         with gzip.open(args.hlo_out, "wt") as f:
-            f.write(compiled.as_text())
+            f.write("\n".join(program_texts(compiled)))
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     print_summary(record)

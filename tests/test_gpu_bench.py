@@ -74,3 +74,16 @@ def test_state_layout_bench_and_step_profile_run_at_tiny(tmp_path):
     assert record["compute_dtype"] == "float32" and 0 <= record["idle_ms"] < record["step_ms"]
     assert record["kind_ms"]["convolution"] > 0 and record["kind_ms"]["matmul"] > 0
     assert sum(record["kind_ms"].values()) == pytest.approx(record["kernel_ms"])
+    assert record["concurrent_slices"] is False  # this session's 8 CPU devices
+
+    # On one CPU device the trainer's step is its concurrent slice programs: each kernel read from its program.
+    result = subprocess.run([sys.executable, "-m", "bench.step_profile", "--config", "tiny", "--out", str(profile),
+                             "--top", "200"], cwd=REPO, env={**env, "XLA_FLAGS": ""}, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(profile.read_text())
+    assert record["concurrent_slices"] is True and record["batch_slices"] == 2
+    slice_kernels = [k for k in record["top_kernels"] if k["program"] == "jit__slice_gradients"]
+    assert {k["kind"] for k in slice_kernels} >= {"convolution", "matmul"}
+    assert all(k["launches"] == 2 for k in slice_kernels)  # one call per slice, every step
+    assert {k["program"] for k in record["top_kernels"]} >= {"jit__slice_gradients", "jit__update"}

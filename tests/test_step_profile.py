@@ -31,12 +31,48 @@ def test_profile_of_a_compiled_step_names_and_sorts_its_kernels():
     assert 0 <= record["idle_ms"] < record["step_ms"]
 
 
+def _conv_part(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _dot_part(y, w):
+    return jnp.tanh(y.reshape(-1, y.shape[-1]) @ w)
+
+
+class _TwoProgramStep:
+    """A step of two compiled programs, as a compiled ``ConcurrentSliceStep`` is: ``programs`` and a call."""
+
+    def __init__(self, x, w, k):
+        self.programs = {"conv": jax.jit(_conv_part).lower(x, k).compile(),
+                         "dot": jax.jit(_dot_part).lower(_conv_part(x, k), w).compile()}
+
+    def __call__(self, state):
+        x, w, k = state
+        h = self.programs["dot"](self.programs["conv"](x, k), w)
+        return (x, w - 1e-3 * jnp.sum(h), k), jnp.sum(h)
+
+
+def test_the_kernels_of_a_step_of_several_programs_are_read_from_their_own_program():
+    x, w, k = jnp.ones((4, 16, 16, 8)), jnp.ones((8, 64)) / 8, jnp.ones((3, 3, 8, 8)) / 72
+    record = step_profile.profile_step(_TwoProgramStep(x, w, k), ((x, w, k),), steps=3, top=50)
+    kinds = {(kernel["program"], kernel["kind"]) for kernel in record["top_kernels"]}
+    assert ("jit__conv_part", "convolution") in kinds and ("jit__dot_part", "matmul") in kinds, kinds
+    assert {program for program, _ in kinds} == {"jit__conv_part", "jit__dot_part"}
+    # One kernel name in two programs: each event is read as its own program's instruction.
+    programs = {"jit_a": {"fusion_1": {"opcode": "convolution"}}, "jit_b": {"fusion_1": {"opcode": "dot"}}}
+    assert step_profile.instruction_of(programs, "jit_b", "fusion.1") == {"opcode": "dot"}
+    assert step_profile.instruction_of(programs, "", "fusion.1") is None  # ambiguous: no program named
+    assert step_profile.instruction_of({"jit_a": programs["jit_a"]}, "", "fusion.1") == {"opcode": "convolution"}
+
+
 def test_busy_time_is_the_union_of_kernel_intervals():
-    events = [("conv", 100.0, 50.0), ("dot", 120.0, 10.0), ("add", 140.0, 30.0), ("copy", 400.0, 20.0)]
+    events = [("m", "conv", 100.0, 50.0), ("m", "dot", 120.0, 10.0), ("m", "add", 140.0, 30.0),
+              ("m", "copy", 400.0, 20.0)]
     assert step_profile.busy_seconds(events) == pytest.approx(90e-6)  # [100, 170] and [400, 420] µs
     assert step_profile.busy_seconds(list(reversed(events))) == pytest.approx(90e-6)
     assert step_profile.busy_seconds([]) == 0.0
-    assert step_profile.kernel_times(events + [("dot", 500.0, 5.0)])["dot"] == pytest.approx([15e-6, 2])
+    times = step_profile.kernel_times(events + [("m", "dot", 500.0, 5.0), ("n", "dot", 600.0, 7.0)])
+    assert times["m", "dot"] == pytest.approx([15e-6, 2]) and times["n", "dot"] == pytest.approx([7e-6, 1])
 
 
 def test_hlo_instructions_and_kinds():
