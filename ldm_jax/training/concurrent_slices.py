@@ -9,19 +9,17 @@ is a program of its own, with buffers of its own, and the step is 2 + k
 programs:
 
 1. ``prepare``: `diffusion_step.denoising_inputs` of the whole batch (latent
-   samples, the text encoder, timesteps, noise and loss weights), split
-   into k interleaved slices as `in_slices` splits them;
-2. k x ``slice_gradients``: the U-Net's forward and backward pass on one
-   slice, giving its share of the loss and of the gradient (with a trained
-   text encoder, also the gradient of the slice's context). Each is
+   samples, the frozen text encoder, timesteps, noise and loss weights), split
+   into k interleaved slices as `in_slices` splits them; a trained text
+   encoder's context is left to the slice programs;
+2. k x ``slice_gradients``: the U-Net's (and a trained text encoder's)
+   forward and backward pass on one slice, giving its share of the loss and
+   of the gradient. Each is
    dispatched on an XLA execution stream of its own (`on_streams`): the
    runtime runs one stream's programs one after another, and programs on
    different streams side by side, ordered only by the data they share;
-3. ``update``: the shares summed (a trained text encoder's gradient pulled
-   back from the slices' context gradients through its forward pass, run
-   again: a closure cannot pass between programs), then
-   `diffusion_step.apply_gradients` (optimizer, EMA, non-finite guard), the
-   state donated.
+3. ``update``: the shares summed, then `diffusion_step.apply_gradients`
+   (optimizer, EMA, non-finite guard), the state donated.
 
 The loss and the update are `diffusion_step.train_step`'s up to float
 rounding (the gradient summed in another order). README "Results" gives the
@@ -41,7 +39,7 @@ import optax
 from jaxlib import xla_client
 
 from ldm_jax.training.diffusion_step import (UNET_INPUTS, DiffusionTask, apply_gradients, denoising_inputs,
-                                             example_mse, from_slices, slice_of, text_context)
+                                             example_mse, noising_inputs, slice_of, text_context)
 from ldm_jax.training.state import TrainState
 
 SLICE_EXECUTION = ("auto", "concurrent", "in_program")
@@ -95,42 +93,40 @@ def sum_trees(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *leaves: sum(leaves[1:], leaves[0]), *trees)
 
 
-def _prepare(task: DiffusionTask, text_params: Mapping[str, Any], frozen: Mapping[str, Any],
-             batch: Mapping[str, jax.Array], rng: jax.Array,
-             step: jax.Array) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array, jax.Array]:
-    # ``text_params``: the trained text encoder's params, or {} when it is frozen (in ``frozen``).
-    params = {"text_encoder": text_params} if task.train_text_encoder else {}
-    inputs = denoising_inputs(task, params, frozen, batch, jax.random.fold_in(rng, step))
+def _prepare(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
+             step: jax.Array) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array]:
+    # No trained params: a frozen text encoder's context is encoded here, a trained one's in the slice programs.
+    rng = jax.random.fold_in(rng, step)
+    if task.train_text_encoder:
+        inputs, names = noising_inputs(task, frozen, batch, rng), ("ids", "z_t", "t", "target", "weight")
+    else:
+        inputs, names = denoising_inputs(task, {}, frozen, batch, rng), (*UNET_INPUTS, "weight")
     k = task.batch_slices
-    sliced = tuple({name: slice_of(inputs[name], k, s) for name in (*UNET_INPUTS, "weight")} for s in range(k))
-    return sliced, jnp.mean(inputs["weight"]), inputs["ids"]
+    sliced = tuple({name: slice_of(inputs[name], k, s) for name in names} for s in range(k))
+    return sliced, jnp.mean(inputs["weight"])
 
 
-def _slice_gradients(task: DiffusionTask, unet_params: Mapping[str, Any],
+def _slice_gradients(task: DiffusionTask, params: Mapping[str, Any],
                      inputs: Mapping[str, jax.Array]) -> tuple[Any, jax.Array, jax.Array]:
-    # The gradient share of the U-Net's params and, with a trained text encoder, of the slice's context.
+    # The slice's share of the loss and of the gradient of the trained ``params`` (a tree like the state's).
     batch_size = inputs["t"].shape[0] * task.batch_slices
 
-    def loss_share(unet_params, context):
-        mse = example_mse(task, unet_params, inputs["z_t"], inputs["t"], context, inputs["target"])
+    def loss_share(params):
+        context = (text_context(task, params["text_encoder"], inputs["ids"]) if task.train_text_encoder
+                   else inputs["context"])
+        mse = example_mse(task, params["unet"], inputs["z_t"], inputs["t"], context, inputs["target"])
         return jnp.sum(inputs["weight"] * mse) / batch_size, jnp.sum(mse) / batch_size
 
-    argnums = (0, 1) if task.train_text_encoder else 0
-    (loss, mse), grads = jax.value_and_grad(loss_share, argnums, has_aux=True)(unet_params, inputs["context"])
+    (loss, mse), grads = jax.value_and_grad(loss_share, has_aux=True)(params)
     return grads, loss, mse
 
 
 def _update(task: DiffusionTask, optimizer: optax.GradientTransformation, state: TrainState,
-            shares: Sequence[tuple[Any, jax.Array, jax.Array]], weight: jax.Array,
-            ids: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+            shares: Sequence[tuple[Any, jax.Array, jax.Array]],
+            weight: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    grads = sum_trees([share[0] for share in shares])
     metrics = {"loss": sum(share[1] for share in shares), "mse": sum(share[2] for share in shares),
                "weight": weight}
-    if not task.train_text_encoder:
-        return apply_gradients(task, optimizer, state, {"unet": sum_trees([share[0] for share in shares])}, metrics)
-    # The text encoder's gradient: its forward pass again, pulled back from the slices' context gradients.
-    context_grad = from_slices([share[0][1] for share in shares])
-    _, pullback = jax.vjp(lambda params: text_context(task, params, ids), state.params["text_encoder"])
-    grads = {"unet": sum_trees([share[0][0] for share in shares]), "text_encoder": pullback(context_grad)[0]}
     return apply_gradients(task, optimizer, state, grads, metrics)
 
 
@@ -154,21 +150,18 @@ class ConcurrentSliceStep:
         """This step with its programs compiled for these arguments' shapes (arrays or ``ShapeDtypeStruct``s:
         nothing runs), as ``jax.stages.Compiled`` (their HLO text, cost and memory analyses)."""
         prepare, slice_gradients, update = (self.programs[name] for name in PROGRAMS)
-        prepare_args = (state.params.get("text_encoder", {}), frozen, batch, rng, state.step)
-        sliced, weight, ids = jax.eval_shape(prepare, *prepare_args)
-        unet = state.params["unet"]
-        shares = [jax.eval_shape(slice_gradients, unet, inputs) for inputs in sliced]
+        sliced, weight = jax.eval_shape(prepare, frozen, batch, rng, state.step)
+        shares = [jax.eval_shape(slice_gradients, state.params, inputs) for inputs in sliced]
         compiled = copy.copy(self)
-        compiled.programs = {"prepare": prepare.lower(*prepare_args).compile(),
-                             "slice_gradients": slice_gradients.lower(unet, sliced[0]).compile(),
-                             "update": update.lower(state, shares, weight, ids).compile()}
+        compiled.programs = {"prepare": prepare.lower(frozen, batch, rng, state.step).compile(),
+                             "slice_gradients": slice_gradients.lower(state.params, sliced[0]).compile(),
+                             "update": update.lower(state, shares, weight).compile()}
         return compiled
 
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array], frozen: Mapping[str, Any],
                  rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         """One step: dispatches the programs and returns without waiting for them."""
         prepare, slice_gradients, update = (self.programs[name] for name in PROGRAMS)
-        sliced, weight, ids = prepare(state.params.get("text_encoder", {}), frozen, batch, rng, state.step)
-        unet = state.params["unet"]
-        shares = on_streams(slice_gradients, [(unet, inputs) for inputs in sliced])
-        return update(state, shares, weight, ids)
+        sliced, weight = prepare(frozen, batch, rng, state.step)
+        shares = on_streams(slice_gradients, [(state.params, inputs) for inputs in sliced])
+        return update(state, shares, weight)

@@ -25,7 +25,7 @@ trainer runs the slices as concurrent programs of their own instead
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -134,17 +134,13 @@ def slice_of(batched: jax.Array, slices: int, index: int) -> jax.Array:
     return batched.reshape(batched.shape[0] // slices, slices, *batched.shape[1:])[:, index]
 
 
-def from_slices(parts: Sequence[jax.Array]) -> jax.Array:
-    """The batch whose interleaved slices (`slice_of`) are ``parts``, in order: their rows back in batch order."""
-    return jnp.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:])
-
-
 def in_slices(fn: Callable[..., jax.Array], slices: int, *batched: jax.Array) -> jax.Array:
     """``fn(*batched)`` (one value per example, [B]) computed on ``slices`` interleaved slices of the batch
     (`slice_of`); the results come back in batch order."""
     if slices == 1:
         return fn(*batched)
-    return from_slices([fn(*(slice_of(a, slices, s) for a in batched)) for s in range(slices)])
+    parts = [fn(*(slice_of(a, slices, s) for a in batched)) for s in range(slices)]
+    return jnp.stack(parts, axis=1).reshape(-1)
 
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
@@ -193,21 +189,29 @@ def drop_captions(ids: jax.Array, empty_ids: jax.Array, rate: float, rng: jax.Ar
     return jnp.where(drop[:, None], empty_ids, ids)
 
 
-def denoising_inputs(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
-                     batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
-    """The U-Net's inputs and targets for one batch: 'z_t', 't', 'context', 'target', the loss 'weight' [B] and the
-    token 'ids' the context encodes (after caption dropout)."""
+def noising_inputs(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array],
+                   rng: jax.Array) -> dict[str, jax.Array]:
+    """`denoising_inputs` but the context: 'z_t', 't', 'target', the loss 'weight' [B] and the token 'ids' to encode
+    (after caption dropout)."""
     schedule = task.schedule
     latent_rng, drop_rng, t_rng, noise_rng = jax.random.split(rng, 4)
     z0 = clean_latents(task, frozen, batch, latent_rng)
     ids = drop_captions(batch["input_ids"], batch["empty_ids"], task.caption_dropout, drop_rng)
-    text_params = params["text_encoder"] if task.train_text_encoder else frozen["text_encoder"]
     t = sample_timesteps(t_rng, z0.shape[0], schedule.num_train_timesteps, task.timestep_sampling,
                          task.logit_mean, task.logit_std)
     noise = jax.random.normal(noise_rng, z0.shape, jnp.float32)
-    return {"z_t": sched.add_noise(schedule, z0, noise, t), "t": t, "context": text_context(task, text_params, ids),
+    return {"z_t": sched.add_noise(schedule, z0, noise, t), "t": t,
             "target": sched.training_target(schedule, z0, noise, t),
             "weight": loss_weights(schedule, t, task.min_snr_gamma), "ids": ids}
+
+
+def denoising_inputs(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
+                     batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+    """The U-Net's inputs and targets for one batch: 'z_t', 't', 'context', 'target' and the loss 'weight' [B]
+    (and the encoded token 'ids')."""
+    inputs = noising_inputs(task, frozen, batch, rng)
+    text_params = params["text_encoder"] if task.train_text_encoder else frozen["text_encoder"]
+    return {**inputs, "context": text_context(task, text_params, inputs["ids"])}
 
 
 def text_context(task: DiffusionTask, text_params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
