@@ -3,8 +3,8 @@
 Every run is the same command: stage 2 of ``configs/tiny.py:run`` on an image
 folder (48 readable images in every colour mode plus 4 broken files) whose
 latent cache has one NaN example, met at step 5; 6 steps, checkpoints every
-3, ``nan_policy='skip'``, one CPU device (with a frozen text encoder: on 2 or
-more cores the step runs as concurrent slice programs). The runs differ only in how they are
+3, ``nan_policy='skip'``, one CPU device (on 2 or more cores the step runs as
+concurrent slice programs). The runs differ only in how they are
 interrupted. Two lanes run side by side:
 
     interrupted:  SIGTERM after the first logged step  ->  restart, killed (SIGKILL) while committing the
@@ -103,8 +103,7 @@ def _overrides(root: str) -> dict[str, object]:
             "data.source": "folder", "data.name": "", "data.data_dir": os.path.join(root, "images"),
             "data.tokenizer": os.path.join(root, "tokenizer"),
             "diffusion.steps": STEPS, "diffusion.checkpoint_every": EVERY, "diffusion.keep": 5,
-            "diffusion.nan_policy": "skip", "diffusion.sample_every": -1,
-            "diffusion.train_text_encoder": False}  # so that 2 cores run the step as concurrent slice programs
+            "diffusion.nan_policy": "skip", "diffusion.sample_every": -1}
 
 
 def _config(root: str):

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import optax
 from jaxlib import xla_client
 
-from ldm_jax.training.diffusion_step import (UNET_INPUTS, DiffusionTask, apply_gradients, denoising_inputs,
-                                             example_mse, noising_inputs, slice_of, text_context)
+from ldm_jax.training.diffusion_step import (DiffusionTask, apply_gradients, denoising_inputs, example_mse,
+                                             noising_inputs, slice_of, text_context)
 from ldm_jax.training.state import TrainState
 
 SLICE_EXECUTION = ("auto", "concurrent", "in_program")
@@ -97,12 +97,10 @@ def _prepare(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str,
              step: jax.Array) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array]:
     # No trained params: a frozen text encoder's context is encoded here, a trained one's in the slice programs.
     rng = jax.random.fold_in(rng, step)
-    if task.train_text_encoder:
-        inputs, names = noising_inputs(task, frozen, batch, rng), ("ids", "z_t", "t", "target", "weight")
-    else:
-        inputs, names = denoising_inputs(task, {}, frozen, batch, rng), (*UNET_INPUTS, "weight")
+    inputs = (noising_inputs(task, frozen, batch, rng) if task.train_text_encoder
+              else denoising_inputs(task, {}, frozen, batch, rng))
     k = task.batch_slices
-    sliced = tuple({name: slice_of(inputs[name], k, s) for name in names} for s in range(k))
+    sliced = tuple({name: slice_of(value, k, s) for name, value in inputs.items()} for s in range(k))
     return sliced, jnp.mean(inputs["weight"])
 
 

@@ -20,7 +20,8 @@ kernels keep a core busy that one pass over the whole batch leaves idle
 one). ``resolve_batch_slices`` picks k for a run. On one CPU device the
 trainer runs the slices as concurrent programs of their own instead
 (``ldm_jax.training.concurrent_slices``, built from this module's
-`denoising_inputs`, `example_mse` and `apply_gradients`).
+`noising_inputs`, `denoising_inputs`, `text_context`, `example_mse` and
+`apply_gradients`).
 """
 
 import dataclasses
