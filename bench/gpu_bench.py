@@ -5,7 +5,7 @@ float32 params, diffusers trains with float32 weights under bfloat16 autocast
 and samples with bfloat16 weights (``--torch-dtype``), as its scripts do.
 Measured, side by side:
 
-* **train**: the stage-2 train step (``ldm_jax.training.diffusion_step
+* **train**: the stage-2 train step (``ldm_jax.training.diffusion.step
   .train_step``: posterior sample of cached latents, 10% caption dropout,
   frozen CLIP, U-Net forward and backward, AdamW with clipping, EMA) at batch
   16 on 64x64x4 latents; diffusers' equivalent step (train_text_to_image.py's
@@ -189,10 +189,10 @@ def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state
     import numpy as np
 
     from ldm_jax.pipeline import build_modules, init_inputs
-    from ldm_jax.training import diffusion_state
-    from ldm_jax.training.diffusion_step import DiffusionTask, resolve_batch_slices, train_step
+    from ldm_jax.training.diffusion import state as diffusion_state
+    from ldm_jax.training.diffusion.step import DiffusionTask, resolve_batch_slices, train_step
     from ldm_jax.training.run_config import DIFFUSION_DEFAULTS
-    from ldm_jax.training.state import TrainState, make_optimizer
+    from ldm_jax.training.train_state import TrainState, make_optimizer
 
     batch_size = spec["train_batch"]
 
@@ -241,7 +241,7 @@ def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_lay
     import jax
     import numpy as np
 
-    from ldm_jax.training.diffusion_state import compile_train_step
+    from ldm_jax.training.diffusion.state import compile_train_step
 
     prepared = prepare_train(configs, spec, impl, remat_policy, state_layout)
     state, batch, frozen, step_rng = prepared["args"]
@@ -273,7 +273,7 @@ def jax_sample(configs: dict, impl: str, batch: int, repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from ldm_jax.diffusion.sampling import Models, sample_fn
+    from ldm_jax.diffusion.sample_fn import Models, sample_fn
     from ldm_jax.pipeline import build_modules, init_inputs
 
     modules = build_modules(configs, jnp.bfloat16, attention_impl=impl)

@@ -36,8 +36,8 @@ from ldm_jax.models.clip import CLIPTextModel
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.pipeline import init_inputs
-from ldm_jax.training.diffusion_step import DiffusionTask, train_step
-from ldm_jax.training.state import TrainState, make_optimizer
+from ldm_jax.training.diffusion.step import DiffusionTask, train_step
+from ldm_jax.training.train_state import TrainState, make_optimizer
 
 CONFIGS = {
     "base": dict(size=64, vae=base_config.VAE, unet=base_config.UNET, text_encoder=base_config.TEXT_ENCODER),

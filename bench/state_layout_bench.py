@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
-    from ldm_jax.training.diffusion_state import compile_train_step
+    from ldm_jax.training.diffusion.state import compile_train_step
 
     impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
     spec = gpu_bench.SPECS[args.config]

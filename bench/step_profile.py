@@ -8,7 +8,7 @@ Compiles the train step of ``bench/gpu_bench.py`` (same models, attention
 kernel, remat policy and state layout; ``--config base`` is configs/base.py's
 models at its stage-2 batch of 16), its batch slices run as the trainer runs
 them (``--slice-execution``, default ``auto``: on one CPU device as
-concurrent programs, ``ldm_jax.training.concurrent_slices``, else in one
+concurrent programs, ``ldm_jax.training.cpu_step``, else in one
 program), in ``--dtype`` (default bfloat16 on an
 accelerator, float32 on a CPU) with float32 params, runs two warm-up steps and
 three unprofiled rounds of ``--steps`` steps (their median step time, with
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
     """Entry point of ``python -m bench.step_profile``."""
     from bench import gpu_bench
     from bench.hardware import peak_flops, utilization
-    from ldm_jax.training.concurrent_slices import SLICE_EXECUTION
+    from ldm_jax.training.cpu_step import SLICE_EXECUTION
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     specs = {**gpu_bench.SPECS, **EXTRA_CONFIGS}
@@ -250,8 +250,8 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from ldm_jax.training.concurrent_slices import ConcurrentSliceStep, resolve_concurrent_slices
-    from ldm_jax.training.diffusion_state import compile_train_step
+    from ldm_jax.training.cpu_step import ConcurrentSliceStep, resolve_concurrent_slices
+    from ldm_jax.training.diffusion.state import compile_train_step
 
     impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")

@@ -7,9 +7,9 @@ fixed text context [B, 16, cross_attention_dim] (a frozen text encoder's
 output, computed once: no text encoder inside the step). Random weights,
 float32. ldm_jax's U-Net runs on ``--batch-slices`` slices of the batch,
 by default the trainer's choice (``diffusion.batch_slices`` 0: two on a
-single CPU device, else one; ``ldm_jax.training.diffusion_step``), run as
+single CPU device, else one; ``ldm_jax.training.diffusion.step``), run as
 ``--slice-execution`` says, by default as the trainer runs them (on one CPU
-device, as concurrent programs: ``ldm_jax.training.concurrent_slices``;
+device, as concurrent programs: ``ldm_jax.training.cpu_step``;
 the compile time is then the programs' together). In one process:
 
 1. *peer* (``--part peer``): the same U-Net config (configs/base.py's, on
@@ -79,9 +79,9 @@ from ldm_jax import host_memory
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
-from ldm_jax.training.concurrent_slices import SLICE_EXECUTION, on_streams, resolve_concurrent_slices, sum_trees
-from ldm_jax.training.diffusion_step import in_slices, resolve_batch_slices, slice_of
-from ldm_jax.training.state import make_optimizer
+from ldm_jax.training.cpu_step import SLICE_EXECUTION, on_streams, resolve_concurrent_slices, sum_trees
+from ldm_jax.training.diffusion.step import in_slices, resolve_batch_slices, slice_of
+from ldm_jax.training.train_state import make_optimizer
 
 CONTEXT_LENGTH = 16  # configs/base.py's text length
 CONFIGS = {
@@ -128,7 +128,7 @@ def make_jax_step(unet: UNet2DConditionModel, optimizer: optax.GradientTransform
 def make_concurrent_programs(unet: UNet2DConditionModel, optimizer: optax.GradientTransformation,
                              slices: int) -> tuple[Callable, Callable, Callable]:
     """`make_jax_step`'s step as the trainer runs slices on one CPU device
-    (``ldm_jax.training.concurrent_slices``): jitted ``prepare(rng, x0, context) -> (rng, per-slice inputs)``,
+    (``ldm_jax.training.cpu_step``): jitted ``prepare(rng, x0, context) -> (rng, per-slice inputs)``,
     ``slice_grads(params, x0, noise, t, context) -> (loss share, gradient share)``, to be dispatched with
     ``on_streams``, and ``update(params, opt_state, shares) -> (params, opt_state, loss)`` (donating both)."""
     schedule = sched.NoiseSchedule.from_config(sd15.SD_SCHEDULER)

@@ -6,7 +6,7 @@ about 30 s on 2 CPU cores, with its own 589-token CLIP vocabulary), ``:tiny``
 (its 512/128 build, about 1 s), ``:tfds`` (a TFDS dataset captioned by class
 name) and ``:folder`` (an image folder with captions). Read one batch:
 
-  python -c "from configs import data_example; from ldm_jax.data.pipeline import make_iterator; \
+  python -c "from configs import data_example; from ldm_jax.data.input_pipeline import make_iterator; \
 b = next(make_iterator(data_example.get_config('tiny').data)); print(b['image'].shape, b['caption'][0])"
 
 Overrides on a command line that uses this config: ``--config.data.batch_size=32``.

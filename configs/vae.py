@@ -7,7 +7,7 @@ optimizer states, the latent scale factor, test PSNR) and metrics
 (``metrics.jsonl``, TensorBoard). The settings are configs/base.py's stage 1
 (L1 + KL, then the PatchGAN from ``disc_start``) at batch 16; cost and PSNR on a 2-core
 CPU: see README "Results" (configs/base.py's own stage 1 stops before the GAN, for time). Perceptual loss: set ``--config.autoencoder.lpips=DIR``
-(VGG16 + lpips heads as safetensors, see ldm_jax/training/autoencoder_loop.py);
+(VGG16 + lpips heads as safetensors, see ldm_jax/training/autoencoder/loop.py);
 without it the loss is L1 + KL + GAN, and the log says so.
 Variant ``configs/vae.py:quick``: a few steps, for smoke tests.
 """

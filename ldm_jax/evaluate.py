@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from ldm_jax.data import shapes
-from ldm_jax.diffusion.sampling import sample_fn
+from ldm_jax.diffusion.sample_fn import sample_fn
 from ldm_jax.evaluation import shapes_checker, word_steering
 from ldm_jax.images import from_uint8, to_uint8
 from ldm_jax.models.clip import tokenize

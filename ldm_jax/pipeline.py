@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 from transformers import CLIPTokenizer
 
-from ldm_jax import checkpoint_files, single_file, weights
-from ldm_jax.diffusion.sampling import Models
+from ldm_jax.weights import convert, diffusers_folder, single_file
+
+
+from ldm_jax.diffusion.sample_fn import Models
 from ldm_jax.models.clip import CLIPTextModel, load_tokenizer, normalize_state_dict
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.models.vae import AutoencoderKL, scaling_factor
@@ -149,20 +151,20 @@ class Pipeline:
         for name in COMPONENTS:
             folder = os.path.join(path, name)
             os.makedirs(folder, exist_ok=True)
-            checkpoint_files.write_json(os.path.join(folder, "config.json"), configs[name])
-            checkpoint_files.write_state_dict(os.path.join(folder, WEIGHT_FILES[name]),
-                                              weights.params_to_state_dict(self.params[name]))
+            diffusers_folder.write_json(os.path.join(folder, "config.json"), configs[name])
+            diffusers_folder.write_state_dict(os.path.join(folder, WEIGHT_FILES[name]),
+                                              convert.params_to_state_dict(self.params[name]))
         os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
-        checkpoint_files.write_json(os.path.join(path, "scheduler", "scheduler_config.json"),
+        diffusers_folder.write_json(os.path.join(path, "scheduler", "scheduler_config.json"),
                                     {"_class_name": "DDIMScheduler", **self.scheduler_config})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-        checkpoint_files.write_json(os.path.join(path, "model_index.json"), MODEL_INDEX)
+        diffusers_folder.write_json(os.path.join(path, "model_index.json"), MODEL_INDEX)
 
     def save_single_file(self, path: str) -> None:
         """Write one original-layout SD ``.safetensors`` (as released by CompVis / Stability)."""
         configs = {**self.configs, "vae": {**self.configs["vae"], "scaling_factor": self.scale_factor}}
-        states = {name: weights.params_to_state_dict(self.params[name]) for name in COMPONENTS}
+        states = {name: convert.params_to_state_dict(self.params[name]) for name in COMPONENTS}
         single_file.save_single_file(path, states["unet"], states["vae"], states["text_encoder"], configs)
 
 
@@ -180,15 +182,15 @@ def load_vae(path: str, *, attention_impl: str = "auto") -> tuple[AutoencoderKL,
     if not os.path.isdir(folder):
         raise ValueError(f"{path} is not a diffusers pipeline folder: it has no vae/ (found "
                          f"{sorted(os.listdir(path)) if os.path.isdir(path) else 'nothing'})")
-    config = checkpoint_files.read_json(os.path.join(folder, "config.json"))
+    config = diffusers_folder.read_json(os.path.join(folder, "config.json"))
     module = AutoencoderKL.from_diffusers_config(config, attention_impl=attention_impl)
-    params = _params_from_state(module, "vae", config, checkpoint_files.read_state_dict(folder), f"{path}: vae")
+    params = _params_from_state(module, "vae", config, diffusers_folder.read_state_dict(folder), f"{path}: vae")
     return module, params, scaling_factor(config)
 
 
 def _params_from_state(module, name: str, config: dict, state: dict, what: str, dtype: Any = jnp.float32) -> Any:
     """Flax params of component ``name`` from its PyTorch-named state dict (``what`` names it in errors)."""
-    return jax.tree.map(jnp.asarray, weights.state_dict_to_params(
+    return jax.tree.map(jnp.asarray, convert.state_dict_to_params(
         state, abstract_params(module, name, config), what=what, dtype=dtype))
 
 
@@ -197,10 +199,10 @@ def _read_folder(path: str, variant: str | None, overrides: dict[str, dict]) -> 
     if missing:
         raise ValueError(f"{path} is not a diffusers pipeline folder: missing {missing} "
                          f"(found {sorted(os.listdir(path))})")
-    configs = {name: checkpoint_files.read_json(os.path.join(path, name, "config.json")) for name in COMPONENTS}
-    configs["scheduler"] = checkpoint_files.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    configs = {name: diffusers_folder.read_json(os.path.join(path, name, "config.json")) for name in COMPONENTS}
+    configs["scheduler"] = diffusers_folder.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     for name, update in overrides.items():
         configs[name] = {**configs[name], **update}
-    states = {name: checkpoint_files.read_state_dict(os.path.join(path, name), variant) for name in COMPONENTS}
+    states = {name: diffusers_folder.read_state_dict(os.path.join(path, name), variant) for name in COMPONENTS}
     states["text_encoder"] = normalize_state_dict(states["text_encoder"])
     return configs, states

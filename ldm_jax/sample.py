@@ -25,7 +25,7 @@ import transformers
 from absl import app, flags, logging
 
 from ldm_jax.diffusion.samplers import SAMPLERS
-from ldm_jax.diffusion.sampling import sample_fn
+from ldm_jax.diffusion.sample_fn import sample_fn
 from ldm_jax.images import make_grid
 from ldm_jax.models.attention import ATTENTION_IMPLS
 from ldm_jax.models.clip import load_tokenizer, tokenize

@@ -1,9 +1,9 @@
 r"""The trainer: ``python -m ldm_jax.train --config configs/base.py [--config.key=value ...] [--workdir DIR]``.
 
 Runs the config's ``stages`` in order: 'autoencoder' (stage 1,
-``ldm_jax.training.autoencoder_loop``), 'latents' (the latent cache,
+``ldm_jax.training.autoencoder.loop``), 'latents' (the latent cache,
 ``ldm_jax.training.latent_cache``) and 'diffusion' (stage 2,
-``ldm_jax.training.diffusion_loop``). Every stage
+``ldm_jax.training.diffusion.loop``). Every stage
 resumes from what its workdir already holds, so re-running the same command
 continues an interrupted run (killed, preempted or crashed) from its latest
 complete checkpoint. On SIGTERM the running stage saves the step it is at and
@@ -20,8 +20,8 @@ from ml_collections import config_flags
 
 from ldm_jax import host_memory, parallel
 from ldm_jax.training import run_config
-from ldm_jax.training.autoencoder_loop import train_autoencoder
-from ldm_jax.training.diffusion_loop import train_diffusion
+from ldm_jax.training.autoencoder.loop import train_autoencoder
+from ldm_jax.training.diffusion.loop import train_diffusion
 from ldm_jax.training.latent_cache import ensure_latents
 from ldm_jax.training.preemption import StopRequest
 from ldm_jax.training.sources import check_sources

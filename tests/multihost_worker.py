@@ -16,11 +16,12 @@ import numpy as np
 
 from configs import tiny
 from ldm_jax import parallel
-from ldm_jax.diffusion.sampling import Models
+from ldm_jax.diffusion.sample_fn import Models
 from ldm_jax.pipeline import build_modules
-from ldm_jax.training import checkpoints, diffusion_state
-from ldm_jax.training.diffusion_step import DiffusionTask
-from ldm_jax.training.state import OPTIMIZER_DEFAULTS, make_optimizer
+from ldm_jax.training import checkpoints
+from ldm_jax.training.diffusion import state as diffusion_state
+from ldm_jax.training.diffusion.step import DiffusionTask
+from ldm_jax.training.train_state import OPTIMIZER_DEFAULTS, make_optimizer
 
 STEPS = 3
 BATCH = 8

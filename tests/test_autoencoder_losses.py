@@ -19,11 +19,11 @@ import torch
 import refs
 from refs import discriminator as disc_ref
 
-from ldm_jax import weights
+from ldm_jax.weights import convert
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS
 from ldm_jax.models.vae import AutoencoderKL
-from ldm_jax.training import autoencoder_losses as losses
+from ldm_jax.training.autoencoder import losses
 
 START = 100
 
@@ -62,7 +62,7 @@ def test_discriminator_matches_taming_in_train_mode(norm):
     model = NLayerDiscriminator(norm=norm)
     abstract = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     state = {k: v for k, v in refs.numpy_state_dict(ref).items() if "running_" not in k and "batches_tracked" not in k}
-    params = weights.state_dict_to_params(state, abstract, what="discriminator")
+    params = convert.state_dict_to_params(state, abstract, what="discriminator")
     with torch.no_grad():
         expected = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
     assert refs.max_rel_error(jax.jit(model.apply)({"params": params}, x), expected) <= 1e-4

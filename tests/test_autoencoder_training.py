@@ -13,10 +13,11 @@ import pytest
 
 from configs import sd15, tiny
 from ldm_jax.data import latents, shapes
-from ldm_jax.data.pipeline import make_iterator
+from ldm_jax.data.input_pipeline import make_iterator
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.train import run
-from ldm_jax.training import autoencoder_loop, checkpoints
+from ldm_jax.training import checkpoints
+from ldm_jax.training.autoencoder import loop as autoencoder_loop
 from ldm_jax.training.latent_cache import cache_folder, load_frozen_vae
 from ldm_jax.training.metrics import read_metrics
 from ldm_jax.training.run_config import run_config

@@ -15,7 +15,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from ldm_jax import weights
+from ldm_jax.weights import convert
 from ldm_jax.models import clip
 from tests import refs
 from tests.refs import clip as ref_clip
@@ -49,7 +49,7 @@ def setup(name: str, rule: str):
     model = clip.CLIPTextModel.from_transformers_config(config)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, LENGTH), jnp.int32))["params"]
     state = clip.normalize_state_dict(refs.numpy_state_dict(reference))
-    params = weights.state_dict_to_params(state, abstract, what="text_encoder")
+    params = convert.state_dict_to_params(state, abstract, what="text_encoder")
     return reference, model, params
 
 
@@ -125,7 +125,7 @@ def test_normalize_state_dict_accepts_both_layouts():
 
 def test_params_load_back_into_transformers(tok_dir, tmp_path):
     reference, model, params = setup("sd1", "tokenizer")
-    state = weights.params_to_state_dict(params)
+    state = convert.params_to_state_dict(params)
     assert all(k.startswith("text_model.") for k in state)  # the checkpoint-file layout
     ids = clip.tokenize(tokenizer("sd1", f"{tok_dir}/sd1"), PROMPTS, LENGTH)
     expected = torch_outputs(reference, ids)

@@ -1,4 +1,4 @@
-"""Stage 2's step as concurrent slice programs (ldm_jax/training/concurrent_slices.py) against the one-program step."""
+"""Stage 2's step as concurrent slice programs (ldm_jax/training/cpu_step.py) against the one-program step."""
 
 import dataclasses
 import os
@@ -12,11 +12,12 @@ import pytest
 from jaxlib import xla_client
 
 from configs import base, sd15
-from ldm_jax.training import concurrent_slices, run_config
-from ldm_jax.training.concurrent_slices import ConcurrentSliceStep, on_streams, resolve_concurrent_slices
-from ldm_jax.training.diffusion_state import compile_train_step
-from ldm_jax.training.diffusion_step import DiffusionTask, train_step
-from ldm_jax.training.state import TrainState, make_optimizer
+from ldm_jax.training import run_config
+from ldm_jax.training import cpu_step
+from ldm_jax.training.cpu_step import ConcurrentSliceStep, on_streams, resolve_concurrent_slices
+from ldm_jax.training.diffusion.state import compile_train_step
+from ldm_jax.training.diffusion.step import DiffusionTask, train_step
+from ldm_jax.training.train_state import TrainState, make_optimizer
 from tests.test_diffusion_training import _tiny_models_and_batch, assert_trained_alike
 from tests.test_run_config import _sections
 
@@ -74,7 +75,7 @@ def test_programs_compiled_ahead_of_time_step_as_the_jitted_ones():
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     jitted = ConcurrentSliceStep(task, optimizer)
     compiled, same_state = compile_train_step(jitted, abstract, batch, frozen, jax.random.key(5))
-    assert same_state is abstract and list(compiled.programs) == list(concurrent_slices.PROGRAMS)
+    assert same_state is abstract and list(compiled.programs) == list(cpu_step.PROGRAMS)
     assert all(isinstance(program, jax.stages.Compiled) for program in compiled.programs.values())
     assert all(isinstance(program, jax.stages.Wrapped) for program in jitted.programs.values())
     assert compiled.programs["slice_gradients"].cost_analysis()["flops"] > 0
@@ -115,7 +116,7 @@ def test_resolution_names_the_key_and_why_concurrent_does_not_apply():
     with pytest.raises(ValueError, match=r"diffusion.slice_execution must be one of \['auto', 'concurrent', "
                                          r"'in_program'\], got 'threads'"):
         resolve_concurrent_slices("threads", 2)
-    code = ("from ldm_jax.training.concurrent_slices import resolve_concurrent_slices as r; "
+    code = ("from ldm_jax.training.cpu_step import resolve_concurrent_slices as r; "
             "print(r('auto', 2), r('concurrent', 2), r('in_program', 2), r('auto', 1))")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT},
                           capture_output=True, text=True, timeout=120, check=True)
@@ -130,4 +131,4 @@ def test_run_config_checks_slice_execution():
     run_config.check_devices(config, 1)
     with pytest.raises(ValueError, match="'concurrent' runs on one device; this run has 2"):
         run_config.check_devices(config, 2)
-    assert concurrent_slices.SLICE_EXECUTION == ("auto", "concurrent", "in_program")
+    assert cpu_step.SLICE_EXECUTION == ("auto", "concurrent", "in_program")

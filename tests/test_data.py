@@ -21,7 +21,7 @@ from PIL import Image
 from configs import data_example
 from ldm_jax.data import shapes
 from ldm_jax.data.config import DEFAULTS, data_config
-from ldm_jax.data.pipeline import make_iterator, preprocess
+from ldm_jax.data.input_pipeline import make_iterator, preprocess
 from ldm_jax.models.clip import load_tokenizer, tokenize
 
 ATTRIBUTES = ("shape", "colour", "size", "position")

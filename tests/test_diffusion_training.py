@@ -19,15 +19,17 @@ from PIL import Image
 from configs import sd15
 from ldm_jax.data import latents, shapes
 from ldm_jax.diffusion import schedule as sched
-from ldm_jax.diffusion.sampling import sample_fn
+from ldm_jax.diffusion.sample_fn import sample_fn
 from ldm_jax.evaluation import word_steering
 from ldm_jax.models.clip import CLIPTextModel
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
 from ldm_jax.train import run
 from ldm_jax import parallel
-from ldm_jax.training import checkpoints, diffusion_loop, diffusion_state
-from ldm_jax.training.diffusion_step import (DiffusionTask, diffusion_loss, drop_captions, loss_weights,
+from ldm_jax.training import checkpoints
+from ldm_jax.training.diffusion import loop as diffusion_loop
+from ldm_jax.training.diffusion import state as diffusion_state
+from ldm_jax.training.diffusion.step import (DiffusionTask, diffusion_loss, drop_captions, loss_weights,
                                              resolve_batch_slices, sample_timesteps)
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
@@ -111,7 +113,7 @@ def _slices_in_a_fresh_process(one_core: bool) -> list[str]:
     """resolve_batch_slices(0, 16) and (0, 15) on one CPU device, printed by a new process on all this process's
     cores or on one."""
     pin = "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " if one_core else ""
-    code = (f"import os; {pin}from ldm_jax.training.diffusion_step import resolve_batch_slices as r; "
+    code = (f"import os; {pin}from ldm_jax.training.diffusion.step import resolve_batch_slices as r; "
             "print(r(0, 16), r(0, 15))")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XLA_FLAGS": ""}, capture_output=True,
                           text=True, timeout=120, check=True)

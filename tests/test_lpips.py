@@ -13,7 +13,7 @@ import torch
 import refs
 from refs import lpips as lpips_ref
 
-from ldm_jax import weights
+from ldm_jax.weights import convert
 from ldm_jax.models.lpips import LPIPS, params_from_torch
 
 TOL = 1e-4
@@ -87,7 +87,7 @@ def test_converter_names_bad_keys():
     del vgg["features.28.bias"]
     vgg["features.29.weight"] = vgg["features.28.weight"]
     heads["lin1.model.1.weight"] = heads["lin1.model.1.weight"][:, :64]
-    with pytest.raises(weights.WeightsMismatchError) as info:
+    with pytest.raises(convert.WeightsMismatchError) as info:
         params_from_torch(vgg, heads)
     message = str(info.value)
     for needle in ("missing key(s): features.28.bias", "unexpected key(s): features.29.weight",

@@ -6,8 +6,8 @@ import numpy as np
 
 from configs import sd15, tiny
 from ldm_jax.pipeline import build_modules, init_inputs
-from ldm_jax.training.diffusion_step import DiffusionTask, diffusion_loss, train_step
-from ldm_jax.training.state import TrainState, make_optimizer
+from ldm_jax.training.diffusion.step import DiffusionTask, diffusion_loss, train_step
+from ldm_jax.training.train_state import TrainState, make_optimizer
 from tests.refs import random_params
 from tests.test_remat import CONFIG as SMALL_UNET
 

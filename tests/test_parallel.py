@@ -21,13 +21,16 @@ import pytest
 
 from ldm_jax import parallel
 from ldm_jax.data import latents
-from ldm_jax.diffusion.sampling import Models, sample_fn
+from ldm_jax.diffusion.sample_fn import Models, sample_fn
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.pipeline import abstract_params, build_modules
-from ldm_jax.training import autoencoder_loop, autoencoder_step, checkpoints, compile_cost, diffusion_state
-from ldm_jax.training.autoencoder_losses import AutoencoderLossConfig
-from ldm_jax.training.state import make_optimizer
+from ldm_jax.training import checkpoints, compile_cost
+from ldm_jax.training.autoencoder import loop as autoencoder_loop
+from ldm_jax.training.autoencoder import step as autoencoder_step
+from ldm_jax.training.diffusion import state as diffusion_state
+from ldm_jax.training.autoencoder.losses import AutoencoderLossConfig
+from ldm_jax.training.train_state import make_optimizer
 from tests import multihost_worker as worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,9 +19,13 @@ import pytest
 import torch
 import transformers
 
-from ldm_jax import Pipeline, checkpoint_files, single_file, weights
+from ldm_jax import Pipeline
+
+from ldm_jax.weights import convert, diffusers_folder, single_file
+
+
 from ldm_jax.models.clip import normalize_state_dict, tokenize
-from ldm_jax.weights import WeightsMismatchError
+from ldm_jax.weights.convert import WeightsMismatchError
 from tests.refs import max_rel_error, numpy_state_dict
 from tests.refs import pipeline as pipeline_refs
 
@@ -152,7 +156,7 @@ def test_shape_mismatch_names_component_key_and_shapes(ref, tmp_path):
     bad = str(tmp_path / "bad")
     shutil.copytree(ref.folder, bad)
     unet = {**numpy_state_dict(ref.pipe.unet), "conv_in.weight": np.zeros((32, 4, 5, 5), np.float32)}
-    checkpoint_files.write_state_dict(os.path.join(bad, "unet", "diffusion_pytorch_model.safetensors"),
+    diffusers_folder.write_state_dict(os.path.join(bad, "unet", "diffusion_pytorch_model.safetensors"),
                                                   unet)
     with pytest.raises(WeightsMismatchError, match=r"unet.*conv_in\.weight: expected shape \(32, 4, 3, 3\), "
                                                    r"found \(32, 4, 5, 5\)"):
@@ -164,7 +168,7 @@ def test_missing_and_unexpected_keys_are_listed(ref, tmp_path):
     shutil.copytree(ref.folder, bad)
     vae = numpy_state_dict(ref.pipe.vae)
     vae["extra.weight"] = vae.pop("decoder.conv_out.weight")
-    checkpoint_files.write_state_dict(os.path.join(bad, "vae", "diffusion_pytorch_model.safetensors"),
+    diffusers_folder.write_state_dict(os.path.join(bad, "vae", "diffusion_pytorch_model.safetensors"),
                                                   vae)
     with pytest.raises(WeightsMismatchError) as err:
         Pipeline.from_pretrained(bad)
@@ -200,4 +204,4 @@ def test_configs_describe_the_reference_architectures(name, arg):
         state = model.state_dict()
         state = normalize_state_dict(state) if component == "text_encoder" else state
         expected = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("position_ids")}
-        assert weights.state_dict_shapes(abstract[component]) == expected, component
+        assert convert.state_dict_shapes(abstract[component]) == expected, component

@@ -23,7 +23,7 @@ from PIL import Image
 from ldm_jax import Pipeline, sample
 from ldm_jax import images as images_lib
 from ldm_jax.training import checkpoints
-from ldm_jax.weights import WeightsMismatchError
+from ldm_jax.weights.convert import WeightsMismatchError
 from tests.refs import pipeline as pipeline_refs
 
 LONG_PROMPT = "a photo of a small red circle and a big blue square in the sky with a green tree and a house"

@@ -1,4 +1,4 @@
-"""Original single-file SD checkpoints (ldm_jax.single_file) against diffusers' own single-file converter.
+"""Original single-file SD checkpoints (ldm_jax.weights.single_file) against diffusers' own single-file converter.
 
 Tiny random diffusers / transformers models are written in the original
 layout by ``join_original``; diffusers' ``StableDiffusionPipeline.from_single_file``
@@ -26,7 +26,7 @@ import torch
 import diffusers
 import transformers
 
-from ldm_jax import single_file as sf
+from ldm_jax.weights import single_file as sf
 from ldm_jax.models.clip import normalize_state_dict
 from ldm_jax.models.vae import DEFAULT_SCALING_FACTOR
 from tests.refs import max_rel_error, numpy_state_dict, perturb_norms

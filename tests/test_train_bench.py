@@ -10,8 +10,8 @@ import pytest
 from bench import train_bench
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.pipeline import init_inputs
-from ldm_jax.training.concurrent_slices import on_streams
-from ldm_jax.training.state import make_optimizer
+from ldm_jax.training.cpu_step import on_streams
+from ldm_jax.training.train_state import make_optimizer
 from tests.test_diffusion_training import TINY_UNET
 
 

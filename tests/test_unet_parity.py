@@ -1,4 +1,4 @@
-"""UNet2DConditionModel against diffusers' PyTorch model with the same random weights."""
+"""UNet2DConditionModel against diffusers' PyTorch model with the same random convert."""
 
 import re
 import time
@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding
 
-from ldm_jax import weights
+from ldm_jax.weights import convert
 from ldm_jax.models.unet import GEGLU, UNet2DConditionModel, timestep_embedding
 from tests.refs import max_rel_error, numpy_state_dict
 from tests.refs import unet as refs
@@ -63,7 +63,7 @@ class Case:
         self.model = UNet2DConditionModel.from_diffusers_config(dict(self.torch_model.config))
         self.inputs = _inputs(config)
         self.abstract = _abstract_params(self.model, *self.inputs)
-        self.params = weights.state_dict_to_params(self.state, self.abstract, what="unet")
+        self.params = convert.state_dict_to_params(self.state, self.abstract, what="unet")
         self.expected = _torch_forward(self.torch_model, *self.inputs)
 
 
@@ -80,7 +80,7 @@ def test_float32_parity(case):
 
 
 def test_params_to_state_dict_loads_strictly_into_diffusers(case):
-    state = weights.params_to_state_dict(case.params)
+    state = convert.params_to_state_dict(case.params)
     fresh = refs.build(case.config, seed=1)
     assert max_rel_error(_torch_forward(fresh, *case.inputs), case.expected) > 1e-2  # different weights
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
@@ -114,8 +114,8 @@ def test_weights_mismatch_names_key_and_shapes(case):
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     good = state[key].shape
     state[key] = np.zeros((good[0], good[1] + 1), np.float32)
-    with pytest.raises(weights.WeightsMismatchError) as info:
-        weights.state_dict_to_params(state, case.abstract)
+    with pytest.raises(convert.WeightsMismatchError) as info:
+        convert.state_dict_to_params(state, case.abstract)
     message = str(info.value)
     assert "conv_out.bias" in message
     assert f"{key}: expected shape {good}, found {(good[0], good[1] + 1)}" in message
@@ -176,7 +176,7 @@ def test_sd15_full_size_parity():
     model = UNet2DConditionModel.from_diffusers_config(dict(torch_model.config))
     inputs = _inputs(refs.SD15, batch=1, tokens=77)
     expected = _torch_forward(torch_model, *inputs)
-    params = weights.state_dict_to_params(numpy_state_dict(torch_model), _abstract_params(model, *inputs))
+    params = convert.state_dict_to_params(numpy_state_dict(torch_model), _abstract_params(model, *inputs))
     del torch_model  # the numpy state dict shares its memory
     params = jax.device_put(params)
     out = np.asarray(jax.jit(model.apply)({"params": params}, *inputs))

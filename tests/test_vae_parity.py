@@ -1,4 +1,4 @@
-"""AutoencoderKL vs diffusers' PyTorch AutoencoderKL with the same random weights.
+"""AutoencoderKL vs diffusers' PyTorch AutoencoderKL with the same random convert.
 
 Fast tests use tiny configs (f = 2 and f = 4 with mid-block attention, f = 1
 without attention and quant convs) on non-square images; the slow test
@@ -19,7 +19,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 import refs
 from refs.vae import VAE_SD, VAE_TINY, build
 
-from ldm_jax import weights
+from ldm_jax.weights import convert
 from ldm_jax.models.vae import AutoencoderKL, DiagonalGaussian, scaling_factor
 
 TOL = 1e-4
@@ -63,7 +63,7 @@ def setup_pair(name: str, dtype=jnp.float32):
     model = AutoencoderKL.from_diffusers_config(ref.config, dtype=dtype)
     x = image((2, 32, 24, 3), seed)  # non-square, to catch H/W mix-ups
     abstract = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    params = weights.state_dict_to_params(refs.numpy_state_dict(ref), abstract, what="vae")
+    params = convert.state_dict_to_params(refs.numpy_state_dict(ref), abstract, what="vae")
     with torch.no_grad():
         dist = ref.encode(nchw(x)).latent_dist
         z = np.random.default_rng(seed + 100).standard_normal(nhwc(dist.mean).shape).astype(np.float32)
@@ -129,7 +129,7 @@ def test_params_load_into_diffusers_strict():
     rng = np.random.default_rng(4)
     params = jax.tree.map(lambda a: a + 0.05 * rng.standard_normal(a.shape, np.float32), pair.params)
     torch_model = build(VAE_TINY, seed=11)
-    state = {k: torch.from_numpy(v) for k, v in weights.params_to_state_dict(params).items()}
+    state = {k: torch.from_numpy(v) for k, v in convert.params_to_state_dict(params).items()}
     torch_model.load_state_dict(state, strict=True)
     with torch.no_grad():
         recon_ref = nhwc(torch_model(nchw(pair.x)).sample)
@@ -172,7 +172,7 @@ def test_config_roundtrip_rebuilds_same_shapes(name):
     assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == expected
     size = 2 ** len(model.block_out_channels)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, model.in_channels)))
-    flat = weights.state_dict_to_params(refs.numpy_state_dict(rebuilt), abstract["params"])
+    flat = convert.state_dict_to_params(refs.numpy_state_dict(rebuilt), abstract["params"])
     assert len(jax.tree.leaves(flat)) == len(expected)
     assert AutoencoderKL.from_diffusers_config(rebuilt.config) == model
 
@@ -207,8 +207,8 @@ def test_wrong_shape_key_is_reported():
     key = "decoder.up_blocks.1.resnets.0.conv1.weight"
     assert state[key].shape == (32, 64, 3, 3)
     state[key] = np.zeros((32, 64, 1, 3), np.float32)
-    with pytest.raises(weights.WeightsMismatchError, match=key.replace(".", r"\.")) as err:
-        weights.state_dict_to_params(state, pair.abstract)
+    with pytest.raises(convert.WeightsMismatchError, match=key.replace(".", r"\.")) as err:
+        convert.state_dict_to_params(state, pair.abstract)
     assert "(32, 64, 3, 3)" in str(err.value) and "(32, 64, 1, 3)" in str(err.value)
 
 
@@ -231,7 +231,7 @@ def test_sd_vae_parity_full_size():
     model = AutoencoderKL.from_diffusers_config(ref.config)
     x = image((1, 256, 256, 3), seed=0)
     abstract = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    params = weights.state_dict_to_params(refs.numpy_state_dict(ref), abstract, what="vae")
+    params = convert.state_dict_to_params(refs.numpy_state_dict(ref), abstract, what="vae")
     with torch.no_grad():
         mean_ref = nhwc(ref.encode(nchw(x)).latent_dist.mean)
         z = np.random.default_rng(1).standard_normal(mean_ref.shape).astype(np.float32)

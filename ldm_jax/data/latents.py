@@ -186,7 +186,7 @@ def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: 
     Returns the rows written and the number of unreadable images skipped.
     """
     # TensorFlow: loaded only to encode (the train step needs none)
-    from ldm_jax.data.pipeline import make_iterator, report_skipped
+    from ldm_jax.data.input_pipeline import make_iterator, report_skipped
     data = dict(config["data"])
     data["batch_size"] = config["latents"]["batch_size"] or data["batch_size"]
     parallel.check_batch(data["batch_size"], mesh)

@@ -2,7 +2,7 @@
 
 Module names mirror the state-dict paths of transformers' checkpoint files
 (``text_model.encoder.layers.0.self_attn.q_proj`` ...), so
-``ldm_jax.weights.state_dict_to_params`` loads such a checkpoint as is, and a
+``ldm_jax.weights.convert.state_dict_to_params`` loads such a checkpoint as is, and a
 live transformers >= 5 model's state dict after :func:`normalize_state_dict`.
 The model is a causal pre-LayerNorm transformer; it returns the final hidden
 states (the U-Net's cross-attention context) and the hidden state at the EOS

@@ -6,7 +6,7 @@ n_layers (stride 2, the last stride 1), each followed by a norm and
 LeakyReLU(0.2); then a 1-channel conv, stride 1. An H x W image gives an
 (H/8 - 2) x (W/8 - 2) map of logits (30 x 30 for 256 x 256). Module names are
 the torch ``nn.Sequential`` indices (``main_0``, ``main_2``, ``main_3`` ...),
-so torch state dicts load through ``ldm_jax.weights``.
+so torch state dicts load through ``ldm_jax.weights.convert``.
 
 Norms (``norm``):
 

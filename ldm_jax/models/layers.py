@@ -2,7 +2,7 @@
 
 Module and parameter names follow the diffusers PyTorch modules (``conv1``,
 ``to_q``, ``to_out_0`` ...) so that weight conversion is a mechanical rename
-(see ``ldm_jax.weights``). Every parameter carries logical axis names; the
+(see ``ldm_jax.weights.convert``). Every parameter carries logical axis names; the
 mesh rules that map them to device axes live in the config.
 """
 

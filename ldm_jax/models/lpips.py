@@ -9,7 +9,7 @@ bias (``lin0`` .. ``lin4``), average over space and sum over taps.
 
 Parameter names mirror the torch state dicts (VGG conv ``features.N`` is our
 module ``features_N``, the head ``lin0.model.1`` is ``lin0/model_1``), so
-:func:`params_from_torch` is a mechanical rename through ``ldm_jax.weights``.
+:func:`params_from_torch` is a mechanical rename through ``ldm_jax.weights.convert``.
 The network is a frozen metric: the loss stops gradients into its params.
 """
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from ldm_jax import weights
+from ldm_jax.weights import convert
 from ldm_jax.models.layers import Dtype, conv
 
 # The lpips package's ScalingLayer: ImageNet mean and std expressed on [-1, 1] inputs.
@@ -117,11 +117,11 @@ def params_from_torch(vgg: StateDict | str | os.PathLike, heads: StateDict | str
     ``vgg16().state_dict()`` is fine: its ``classifier.*`` keys are dropped);
     ``heads`` holds ``lin0.model.1.weight`` .. ``lin4.model.1.weight`` (the
     lpips ``weights/v0.1/vgg.pth`` content). Each is a dict of numpy arrays or
-    a ``.safetensors`` path. Raises ``weights.WeightsMismatchError`` naming
+    a ``.safetensors`` path. Raises ``convert.WeightsMismatchError`` naming
     every missing, unexpected and misshapen key.
     """
     state = {k: v for k, v in _as_state_dict(vgg).items() if not k.startswith("classifier.")}
     state.update(_as_state_dict(heads))
     dummy = jnp.zeros((1, 16, 16, 3), jnp.float32)
     abstract = jax.eval_shape(LPIPS(tuple(channels)).init, jax.random.key(0), dummy, dummy)["params"]
-    return weights.state_dict_to_params(state, abstract, what="lpips")
+    return convert.state_dict_to_params(state, abstract, what="lpips")

@@ -2,7 +2,7 @@
 
 Module names equal diffusers' parameter paths (``down_blocks_0/attentions_1/
 transformer_blocks_0/attn2/to_k``), so a diffusers state dict loads with
-``ldm_jax.weights.state_dict_to_params`` and no renaming table. Arrays are NHWC.
+``ldm_jax.weights.convert.state_dict_to_params`` and no renaming table. Arrays are NHWC.
 
 Config fields keep diffusers' names and meanings, including its historical
 misnomer: ``attention_head_dim`` is the NUMBER of attention heads per level

@@ -6,7 +6,7 @@ The diffusion model works on ``z * scaling_factor(config)``.
 
 Module names mirror the diffusers state-dict paths (``encoder.down_blocks.0
 .resnets.1.conv1``, ``encoder.mid_block.attentions.0.to_q``, ``quant_conv``
-...), so ``ldm_jax.weights.state_dict_to_params`` loads a diffusers
+...), so ``ldm_jax.weights.convert.state_dict_to_params`` loads a diffusers
 AutoencoderKL state dict without a key map.
 """
 

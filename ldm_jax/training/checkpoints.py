@@ -31,7 +31,7 @@ from absl import logging
 
 from ldm_jax.models.clip import load_tokenizer
 from ldm_jax.pipeline import COMPONENTS, Pipeline, abstract_params, build_modules
-from ldm_jax.weights import WeightsMismatchError
+from ldm_jax.weights.convert import WeightsMismatchError
 
 PARAMS, CONFIG, STATE = "params", "config", "state"
 EMA_UNET = "ema_unet"

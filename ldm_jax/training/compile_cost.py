@@ -2,7 +2,7 @@
 
 Used by ``python -m ldm_jax.compile_check``. Nothing is allocated: the
 state, frozen params and batch are ``jax.ShapeDtypeStruct``s on their
-shardings (``ldm_jax.training.diffusion_state.abstract_state``).
+shardings (``ldm_jax.training.diffusion.state.abstract_state``).
 """
 
 import time
@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax import parallel
-from ldm_jax.diffusion.sampling import Models
+from ldm_jax.diffusion.sample_fn import Models
 from ldm_jax.models.vae import scaling_factor
 from ldm_jax.pipeline import build_modules
-from ldm_jax.training import diffusion_state
-from ldm_jax.training.diffusion_step import DiffusionTask, resolve_batch_slices, task_from_settings
+from ldm_jax.training.diffusion import state as diffusion_state
+from ldm_jax.training.diffusion.step import DiffusionTask, resolve_batch_slices, task_from_settings
 from ldm_jax.training.run_config import DIFFUSION_DEFAULTS
-from ldm_jax.training.state import OPTIMIZER_DEFAULTS, make_optimizer
+from ldm_jax.training.train_state import OPTIMIZER_DEFAULTS, make_optimizer
 
 MODELS = ("unet", "vae", "text_encoder", "scheduler")
 

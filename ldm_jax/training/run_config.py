@@ -35,10 +35,10 @@ from ldm_jax.data.config import data_config
 from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import REMAT_POLICIES
 from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
-from ldm_jax.training.concurrent_slices import check_slice_execution
-from ldm_jax.training.diffusion_step import TIMESTEP_SAMPLING
+from ldm_jax.training.cpu_step import check_slice_execution
+from ldm_jax.training.diffusion.step import TIMESTEP_SAMPLING
 from ldm_jax.training.nonfinite import POLICIES
-from ldm_jax.training.state import OPTIMIZER_DEFAULTS, check_state_layout
+from ldm_jax.training.train_state import OPTIMIZER_DEFAULTS, check_state_layout
 
 STAGES = ("autoencoder", "latents", "diffusion")
 
@@ -94,7 +94,7 @@ DIFFUSION_DEFAULTS = dict(
     remat_policy="none",     # U-Net activation rematerialization: none, full, dots_saveable,
                              # dots_with_no_batch_dims_saveable (ldm_jax/models/layers.py)
     state_layout="auto",     # memory layouts of params, optimizer state and EMA: 'auto' (XLA's pick for the step;
-                             # on GPUs cuDNN's conv kernel layout) or 'default' (ldm_jax/training/diffusion_state.py)
+                             # on GPUs cuDNN's conv kernel layout) or 'default' (ldm_jax/training/diffusion/state.py)
     nan_policy="stop",       # a NaN/Inf loss or gradient: 'stop' (with an error naming the step) or 'skip' the update
     log_every=50,
     checkpoint_every=500,

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import safetensors
 
-from ldm_jax.single_file import UNET_PREFIX, VAE_PREFIX
+from ldm_jax.weights.single_file import UNET_PREFIX, VAE_PREFIX
 from ldm_jax.training import checkpoints
 
 ACCEPTED = {"init_from": ("pipeline", "single-file"), "vae_from": ("pipeline", "single-file", "stage1-run")}

@@ -3,7 +3,7 @@
 One train step updates the autoencoder on the generator loss, then the
 discriminator on the hinge loss of the updated autoencoder's reconstructions,
 as LDM's two-optimizer training does. Both losses come from
-``ldm_jax.training.autoencoder_losses``; randomness is ``fold_in(rng, step)``.
+``ldm_jax.training.autoencoder.losses``; randomness is ``fold_in(rng, step)``.
 """
 
 from typing import Any, Mapping
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.training import autoencoder_losses as losses
+from ldm_jax.training.autoencoder import losses
 from ldm_jax.training.nonfinite import is_finite, keep_if_finite
-from ldm_jax.training.state import TrainState, global_norm
+from ldm_jax.training.train_state import TrainState, global_norm
 
 MODELS = ("vae", "discriminator")
 

@@ -24,19 +24,20 @@ from absl import logging
 from ldm_jax import parallel
 from ldm_jax.data import latents
 from ldm_jax.data import shapes
-from ldm_jax.data.pipeline import make_tokenizer
-from ldm_jax.diffusion.sampling import Models, sample_fn
+from ldm_jax.data.input_pipeline import make_tokenizer
+from ldm_jax.diffusion.sample_fn import Models, sample_fn
 from ldm_jax.images import make_grid
 from ldm_jax.models.clip import tokenize
 from ldm_jax.pipeline import Pipeline, build_modules
-from ldm_jax.training import checkpoints, diffusion_state
-from ldm_jax.training.concurrent_slices import resolve_concurrent_slices
-from ldm_jax.training.diffusion_step import DiffusionTask, resolve_batch_slices, task_from_settings
+from ldm_jax.training import checkpoints
+from ldm_jax.training.diffusion import state as diffusion_state
+from ldm_jax.training.cpu_step import resolve_concurrent_slices
+from ldm_jax.training.diffusion.step import DiffusionTask, resolve_batch_slices, task_from_settings
 from ldm_jax.training.latent_cache import cache_folder, ensure_latents
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter
 from ldm_jax.training.nonfinite import NonFiniteTracker
 from ldm_jax.training.preemption import StopRequest
-from ldm_jax.training.state import learning_rate_schedule, make_optimizer, OPTIMIZER_DEFAULTS
+from ldm_jax.training.train_state import learning_rate_schedule, make_optimizer, OPTIMIZER_DEFAULTS
 
 SAMPLES_PER_GRID = 8
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Memory layouts of a train state (the run config's diffusion.state_layout; ldm_jax/training/diffusion_state.py).
+# Memory layouts of a train state (the run config's diffusion.state_layout; ldm_jax/training/diffusion/state.py).
 STATE_LAYOUTS = ("auto", "default")
 
 OPTIMIZER_DEFAULTS = dict(learning_rate=1e-4, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,

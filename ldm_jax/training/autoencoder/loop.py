@@ -19,17 +19,17 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ldm_jax import parallel
-from ldm_jax.data.pipeline import make_iterator, report_skipped
+from ldm_jax.data.input_pipeline import make_iterator, report_skipped
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import LPIPS, params_from_torch
 from ldm_jax.models.vae import AutoencoderKL
-from ldm_jax.training import autoencoder_step as ae_step
+from ldm_jax.training.autoencoder import step as ae_step
 from ldm_jax.training import checkpoints
-from ldm_jax.training.autoencoder_losses import AutoencoderLossConfig, perceptual_weight
+from ldm_jax.training.autoencoder.losses import AutoencoderLossConfig, perceptual_weight
 from ldm_jax.training.metrics import MetricWriter
 from ldm_jax.training.nonfinite import NonFiniteTracker
 from ldm_jax.training.preemption import StopRequest
-from ldm_jax.training.state import make_optimizer
+from ldm_jax.training.train_state import make_optimizer
 
 LPIPS_FILES = ("vgg16.safetensors", "lpips_vgg_heads.safetensors")
 

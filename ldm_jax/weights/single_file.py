@@ -15,7 +15,7 @@ in one state dict; the three models live under fixed prefixes:
   ``attn.in_proj_weight``, ``ln_final``, ``text_projection``).
 
 This module renames those to the diffusers / transformers names that our Flax
-models use (``ldm_jax.weights``) and back. Both directions come from one
+models use (``ldm_jax.weights.convert``) and back. Both directions come from one
 table of module prefixes (built from the architecture), so
 ``split_original(join_original(x)) == x`` holds by construction and every key
 that fits no entry is reported instead of silently dropped.
@@ -53,7 +53,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ldm_jax import checkpoint_files
+from ldm_jax.weights import diffusers_folder
 from ldm_jax.models.vae import DEFAULT_SCALING_FACTOR
 
 UNET_PREFIX = "model.diffusion_model."
@@ -510,7 +510,7 @@ def _layout_hint(keys) -> str:
         return (" This looks like an SDXL / SGM checkpoint (conditioner.embedders.*), which is not supported.")
     if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "encoder.down_blocks.")) for k in keys):
         return (" This looks like a diffusers-layout state dict of one model: load its folder with "
-                "ldm_jax.pipeline / ldm_jax.weights instead.")
+                "ldm_jax.pipeline / ldm_jax.weights.convert instead.")
     if any(k.startswith(("lora_", "lora.")) or ".lora_" in k for k in keys):
         return " This looks like a LoRA, not a full checkpoint."
     return ""
@@ -838,7 +838,7 @@ def load_single_file(path: str, *, overrides: Mapping[str, Mapping[str, Any]] | 
         raise FileNotFoundError(f"no checkpoint file {path}")
     _reject_pickle(path)
     try:
-        state = checkpoint_files.read_safetensors(path)
+        state = diffusers_folder.read_safetensors(path)
     except SingleFileError:
         raise
     except Exception as e:
@@ -856,4 +856,4 @@ def save_single_file(path: str, unet: Mapping[str, np.ndarray], vae: Mapping[str
                      text_encoder_layout: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
     """Write :func:`join_original` as one ``.safetensors`` file (``format: pt`` metadata, like SD releases)."""
     state = join_original(unet, vae, text_encoder, configs, text_encoder_layout=text_encoder_layout)
-    checkpoint_files.write_state_dict(path, state, metadata)
+    diffusers_folder.write_state_dict(path, state, metadata)

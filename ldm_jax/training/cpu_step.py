@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import optax
 from jaxlib import xla_client
 
-from ldm_jax.training.diffusion_step import (DiffusionTask, apply_gradients, denoising_inputs, example_mse,
+from ldm_jax.training.diffusion.step import (DiffusionTask, apply_gradients, denoising_inputs, example_mse,
                                              noising_inputs, slice_of, text_context)
-from ldm_jax.training.state import TrainState
+from ldm_jax.training.train_state import TrainState
 
 SLICE_EXECUTION = ("auto", "concurrent", "in_program")
 PROGRAMS = ("prepare", "slice_gradients", "update")  # the programs of a step, in the order they run

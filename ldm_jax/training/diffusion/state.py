@@ -27,9 +27,9 @@ from jax.experimental.layout import Format, Layout
 from ldm_jax import parallel
 from ldm_jax.pipeline import init_inputs
 from ldm_jax.training import checkpoints
-from ldm_jax.training.concurrent_slices import ConcurrentSliceStep
-from ldm_jax.training.diffusion_step import DiffusionTask, train_step
-from ldm_jax.training.state import TrainState, check_state_layout
+from ldm_jax.training.cpu_step import ConcurrentSliceStep
+from ldm_jax.training.diffusion.step import DiffusionTask, train_step
+from ldm_jax.training.train_state import TrainState, check_state_layout
 
 EMA_UNET = checkpoints.EMA_UNET
 

@@ -19,7 +19,7 @@ kernels keep a core busy that one pass over the whole batch leaves idle
 (README "Results": the stage-2 step 1.13x faster on 2 cores, the same on
 one). ``resolve_batch_slices`` picks k for a run. On one CPU device the
 trainer runs the slices as concurrent programs of their own instead
-(``ldm_jax.training.concurrent_slices``, built from this module's
+(``ldm_jax.training.cpu_step``, built from this module's
 `noising_inputs`, `denoising_inputs`, `text_context`, `example_mse` and
 `apply_gradients`).
 """
@@ -35,7 +35,7 @@ import optax
 
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.training.nonfinite import is_finite, keep_if_finite
-from ldm_jax.training.state import TrainState, ema_decay, ema_update, global_norm
+from ldm_jax.training.train_state import TrainState, ema_decay, ema_update, global_norm
 
 
 @dataclasses.dataclass(frozen=True)
