@@ -10,10 +10,10 @@ encoder, with sample grids of held-out prompts. Then score prompt following:
 
     python -m ldm_jax.evaluate --checkpoint runs/base
 
-Cost on a 2-core CPU: see README "Results". ``configs/base.py:quick`` runs every
-stage for a few steps on the 512-example build (a smoke test, about 3 minutes).
-``configs/base.py:f4`` is the default of sessions 6-14: an f=4 VAE (16x16x4 latents) and SD's
-schedule, 2.5x faster and worse at shapes (workdir runs/base_f4).
+Time and scores on a 2-core CPU, and the evidence for each setting: docs/experiments.md.
+``configs/base.py:quick`` runs every stage for a few steps on the 512-example build (a smoke test,
+about 3 minutes). ``configs/base.py:f4`` is an f=4 VAE (16x16x4 latents) and SD's schedule, 2.5x
+faster and worse at shapes (workdir runs/base_f4).
 """
 
 import ml_collections
@@ -21,18 +21,17 @@ import ml_collections
 from configs import sd15
 from ldm_jax.training.run_config import run_config
 
-# An f=2 VAE: its reconstructions keep small shapes' shape 78% of the time (f=4: 26%) and every large star (f=4: 7
-# of 24). Without its mid-block attention (1,024 tokens at 32x32, tiled on the CPU: ldm_jax.models.attention) stage 1
-# would take 5 instead of 15 minutes, but stage 2 on that VAE scored shape 45.5% against 62.5% (README, session 12).
+# An f=2 VAE: its reconstructions keep small shapes' shape 78% of the time (f=4: 26%) and every large star.
+# Its mid-block attention stays (tiled on the CPU): without it stage 2 scores shape 45.5% against 62.5%
+# (docs/experiments.md).
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
     layers_per_block=1, norm_num_groups=8, act_fn="silu", sample_size=64,
 )
-# The diffusion models that this VAE's latents are meant for: four levels on the 32x32 latents, the top two narrow
-# (1.36x the train-step FLOPs of the f=4 U-Net). Attention at 8x8 and 4x4 only: at 16x16 it cost 1.56x the step
-# time for no better shapes (README "Results"). The attention-pooled prompt is added to the time embedding
-# (addition_embed_type='text'), besides cross-attention.
+# The U-Net for these 32x32 latents: four levels, the top two narrow. Attention at 8x8 and 4x4 only: at 16x16 it
+# costs 1.56x the step time for no better shapes (docs/experiments.md). The attention-pooled prompt is added to the
+# time embedding (addition_embed_type='text'), besides cross-attention.
 UNET = dict(
     sample_size=32, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -42,9 +41,8 @@ UNET = dict(
     addition_embed_type="text", addition_embed_type_num_heads=4,
 )
 # SD's noise schedule with v-prediction (at high noise the target is close to -x0, so the layout gets a strong
-# gradient; with epsilon the f=4 runs learned colour and size more slowly), rescaled to zero SNR at t = 999 and
-# sampled with trailing timesteps (Lin et al. 2023): on 32x32 latents SD's schedule leaves enough of the image at
-# t = 999 that the U-Net never learned to place the shape from pure noise (position at chance, 20%); rescaled, 100%.
+# gradient), rescaled to zero SNR at t = 999 with trailing sampler timesteps (Lin et al. 2023): on 32x32 latents
+# SD's schedule leaves the layout readable at t = 999, so position stays at chance (20%) unless rescaled (100%).
 SCHEDULER = dict(sd15.SD_SCHEDULER, prediction_type="v_prediction", rescale_betas_zero_snr=True,
                  timestep_spacing="trailing")
 TEXT_ENCODER = dict(
@@ -53,12 +51,10 @@ TEXT_ENCODER = dict(
     bos_token_id=587, eos_token_id=588, pad_token_id=588,
 )
 # configs/vae.py: L1 + KL for 400 steps, then the PatchGAN joins for the last 200. The base run trains 1200
-# steps at batch 8 instead (BASE_AUTOENCODER), the PatchGAN joining for the last 400: with it the checker read
-# the shapes of the final samples right 37.5% of the time against 33.5% (and reconstructions of small shapes 37%
-# against 24% in a stage-1-only comparison), colour unchanged; a GAN step costs ~1.5x a plain one (README "Results").
-# Batch 8 beat batch 16 over the same images (checker shape accuracy on reconstructions 70% vs 58%).
-# Its learning rate decays (cosine, to a tenth): at a constant 1e-3 the colour of the reconstructions swung
-# between 88% and 99% from one checkpoint to the next.
+# steps at batch 8 instead (BASE_AUTOENCODER), the PatchGAN joining for the last 400: it lifts the samples' shape
+# accuracy (37.5% vs 33.5%) at ~1.7x the cost of a plain step. Batch 8 beats batch 16 over the same images
+# (reconstructions' shape 70% vs 58%). The learning rate decays (cosine, to a tenth): at a constant 1e-3 the
+# colour of the reconstructions swings between 88% and 99% from one checkpoint to the next (docs/experiments.md).
 AUTOENCODER = dict(
     steps=600, optimizer=dict(learning_rate=1e-3, b1=0.5, b2=0.9, warmup_steps=50),
     disc_optimizer=dict(learning_rate=1e-3, b1=0.5, b2=0.9), disc_start=401, disc_weight=0.5,
@@ -69,38 +65,33 @@ AUTOENCODER = dict(
 BASE_AUTOENCODER = dict(AUTOENCODER, steps=1200, disc_start=801, eval_every=600, eval_examples=500,
                         checkpoint_every=600, optimizer=dict(AUTOENCODER["optimizer"], schedule="cosine",
                                                              end_factor=0.1))
-# Batch 16 rather than 32 over the same images and time: the checker read the shape of large shapes right 41% of
-# the time against 35% (stage 2 alone on one f=4 VAE; README "Results"). 4,500 steps: over three sampling seeds
-# the checker read shape right 72.0% of the time (69.5, 73.5, 73.0%) against 69.3% after 3,000 steps (stage 2 alone
-# on one VAE, session 15).
+# Batch 16 rather than 32 over the same images and time: large shapes' shape 41% vs 35%. 4,500 steps rather than
+# 3,000: shape 72.0% vs 69.3% over three sampling seeds, within 30 minutes on 2 cores (docs/experiments.md).
 DIFFUSION = dict(
     steps=4500, batch_size=16, optimizer=dict(learning_rate=1e-3, weight_decay=0.01, grad_clip=1.0,
                                               warmup_steps=100, schedule="cosine", end_factor=0.1),
     # Plain v-prediction MSE, no min-SNR weighting: min-SNR-5 gives the high-noise steps, where the layout is
-    # decided, an x0 weight of min(snr, 5) (0.005 at t = 999), and position stayed at chance (20% vs 99%).
-    # Timesteps t = 1000 * sigmoid(n), n ~ N(1, 1), not uniform: few below t = 300, the middle and the noisy end
-    # trained more. Over three seeds each (stage 2 alone on one 8-channel VAE), the checker read shape right 40.3%
-    # of the time against 30.3% with uniform timesteps, colour 94.5 vs 88.8%, position 84.3 vs 74.2%. Centred on
-    # t = 500 (n ~ N(0, 1) or N(0.5, 1)), shape rose as much but position fell to chance (20-25%): the layout is
-    # decided at the noisy end, above t = 900, which those hardly train (README "Results").
+    # decided, an x0 weight of min(snr, 5) (0.005 at t = 999), and position stays at chance (20% vs 99%).
+    # Timesteps t = 1000 * sigmoid(n), n ~ N(1, 1), not uniform: shape 40.3% vs 30.3% over three seeds; centred on
+    # t = 500 instead, position falls to chance, since the layout is decided above t = 900 (docs/experiments.md).
     timestep_sampling="logit_normal", timestep_logit_mean=1.0, timestep_logit_std=1.0,
     caption_dropout=0.1, ema_decay=0.999, log_every=100, checkpoint_every=1500,
-    sample_every=1500, sample_steps=25, guidance_scale=4.0,  # evaluate's default too: it followed prompts best
-    # Frozen: trained jointly, the text encoder learned to mute the position words (their effect on its
-    # output fell to a tenth of the colour words'), and colour reached 92% vs 96% frozen.
+    sample_every=1500, sample_steps=25, guidance_scale=4.0,  # evaluate's default too: it follows prompts best
+    # Frozen: trained jointly, the text encoder learns to mute the position words (their effect on its output
+    # falls to a tenth of the colour words'), and colour reaches 92% vs 96% frozen (docs/experiments.md).
     train_text_encoder=False,
 )
 
 
-# The 'f4' variant, the default of sessions 6-14: shape 49.0% in 13 min 26 s (README "Results").
+# The 'f4' variant: 13 min 26 s end to end on a 2-core Intel Xeon, shape 49.0% (docs/experiments.md).
 F4_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     layers_per_block=1, norm_num_groups=8, act_fn="silu", sample_size=64,
 )
 # The U-Net for the f=4 VAE's 16x16 latents.
-# Attention at 8x8 and 4x4 only: at 16x16 it cost 1.7x the step time (bench numbers in README). The
-# attention-pooled prompt is added to the time embedding (addition_embed_type='text'), besides cross-attention.
+# Attention at 8x8 and 4x4 only: at 16x16 it costs 1.38x the step time for no better shapes (docs/experiments.md).
+# The attention-pooled prompt is added to the time embedding (addition_embed_type='text'), besides cross-attention.
 F4_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -110,9 +101,9 @@ F4_UNET = dict(
     addition_embed_type="text", addition_embed_type_num_heads=4,
 )
 # SD's noise schedule with v-prediction: at high noise the target is close to -x0, so the layout gets a
-# strong gradient (with epsilon the same runs learned colour and size more slowly: README "Results").
+# strong gradient (with epsilon colour and size train more slowly: docs/experiments.md).
 F4_SCHEDULER = dict(sd15.SD_SCHEDULER, prediction_type="v_prediction")
-# 2,800 steps instead (27.4 minutes in all) scored no better: shape 35.5% against 37.5%.
+# 2,400 steps: 2,800 score no better (shape 35.5% vs 37.5%, guidance 8).
 F4_DIFFUSION = dict(DIFFUSION, steps=2400, checkpoint_every=800, sample_every=800)
 
 

@@ -8,7 +8,7 @@ the same modules.
 Check that the weights of a real checkpoint fit this architecture:
   python -c "from ldm_jax import Pipeline; Pipeline.from_pretrained('path/to/sd15')"
 
-Pod shapes it is meant for (not run on a pod here; the bytes follow from the parameter counts).
+Pod shapes it is meant for (the bytes follow from the parameter counts; not measured on a pod).
 The stage-2 state in float32 is 860M U-Net params + AdamW moments + EMA = 13.8 GB, plus the frozen
 text encoder's 123M params (0.5 GB): 14.3 GB, divided by fsdp on each chip (``mesh.frozen=shard``):
   v4-32 (16 chips x 32 GiB, 4 hosts):    mesh data=16 (the whole state on every chip), or

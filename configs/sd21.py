@@ -6,7 +6,7 @@ Variants:
 
 Model sections use the keys of the diffusers / transformers config files.
 
-Pod shapes it is meant for (not run on a pod here; the bytes follow from the parameter counts).
+Pod shapes it is meant for (the bytes follow from the parameter counts; not measured on a pod).
 The U-Net (866M) is SD 1.5's size, so its state with AdamW moments and EMA is 13.9 GB in float32, and
 the frozen OpenCLIP-H text encoder (23 layers, 340M params) adds 1.4 GB: 15.2 GB, divided by fsdp on
 each chip (``mesh.frozen=shard``, the default). 768px images give 96x96 latents, 2.25x the activations

@@ -21,6 +21,7 @@ run config (configs/base.py) its own ``diffusion`` and ``mesh`` sections.
 """
 
 import os
+import sys
 import time
 
 import jax
@@ -65,21 +66,24 @@ def main(argv: list[str]) -> None:
     use_fake_cpu_devices(_DEVICES.value)
     from ldm_jax.training import compile_cost  # after the device count is fixed
     config = _CONFIG.value
-    mesh_config = dict(config.get("mesh", {}))
-    if _MESH.value is not None:  # the flag's sizes replace the config's; its axis rules stay
-        mesh_config = {**parallel.parse_mesh(_MESH.value), "axis_rules": parallel.axis_rules(mesh_config)}
-    if _FROZEN.value:
-        mesh_config["frozen"] = _FROZEN.value
     started = time.time()
-    report = compile_cost.compile_train_step(config, mesh_config, _BATCH.value, _DTYPE.value)
+    try:  # a mesh, batch or config that cannot work is one line on stderr, found before compiling
+        mesh_config = dict(config.get("mesh", {}))
+        if _MESH.value is not None:  # the flag's sizes replace the config's; its axis rules stay
+            mesh_config = {**parallel.parse_mesh(_MESH.value), "axis_rules": parallel.axis_rules(mesh_config)}
+        if _FROZEN.value:
+            mesh_config["frozen"] = _FROZEN.value
+        report = compile_cost.compile_train_step(config, mesh_config, _BATCH.value, _DTYPE.value)
+    except (KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        sys.exit(f"ldm_jax.compile_check: error: {message}")
     mesh = report["mesh"]
     print(f"config {config_flags.get_config_filename(flags.FLAGS['config'])}")
     print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices, batch "
           f"{report['batch']}, compute dtype {report['dtype']}, frozen models: {report['frozen']}")
     for name, count in report["params"].items():
         print(f"params {name}: {count:,}")
-    print(f"lower_seconds {report['lower_seconds']:.1f}")
-    print(f"compile_seconds {report['compile_seconds']:.1f}")
+    print(f"compile_seconds {report['compile_seconds']:.1f} (lowering included)")
     print(f"flops_per_device {report['flops_per_device']:.4g}")
     print(f"flops_all_devices {report['flops_per_device'] * mesh.devices.size:.4g}")
     for key in ("argument", "output", "temp", "alias"):

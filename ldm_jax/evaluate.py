@@ -22,7 +22,7 @@ Prints a table and writes ``WORKDIR/eval_step_<step>.json``.
 from its real test image instead of from noise: img2img, the image noised to
 the last ``int(steps * S)`` sampler steps and denoised. Scored against the
 reconstructions, it shows at which noise levels a model loses an attribute
-(README "Results"); the report is then ``eval_step_<step>_strength_<S>.json``.
+(docs/experiments.md); the report is then ``eval_step_<step>_strength_<S>.json``.
 
 ``--steering`` instead measures how far the shape word steers the model at
 each of ``--steering_timesteps`` (``ldm_jax.evaluation.word_steering``:
@@ -32,7 +32,9 @@ is ``eval_step_<step>_steering.json``.
 """
 
 import json
+import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -41,21 +43,23 @@ from absl import app, flags, logging
 
 from ldm_jax.data import shapes
 from ldm_jax.diffusion.sample_fn import sample_fn
+from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.evaluation import shapes_checker, word_steering
 from ldm_jax.images import from_uint8, to_uint8
 from ldm_jax.models.clip import tokenize
 from ldm_jax.training import checkpoints
+from ldm_jax.weights.convert import WeightsMismatchError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (its checkpoints/ and tokenizer/).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.", lower_bound=0)
 _COUNT = flags.DEFINE_integer("count", 1000, "Test-split prompts to score (or test images for --steering).",
                               lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch", 50, "Images per sampling call.", lower_bound=1)
 # Guidance 4 followed the prompts best on configs/base.py's model: shape 42% at 4, 40.5% at 3, 36% at 2, 37.5% at
-# 8, 35.5% at 12; colour 99.5% at 4, 97.5% at 8 and 80.5% at 16 (README "Results").
+# 8, 35.5% at 12; colour 99.5% at 4, 97.5% at 8 and 80.5% at 16 (docs/experiments.md).
 _GUIDANCE = flags.DEFINE_float("guidance", 4.0, "Classifier-free guidance scale.")
 _STEPS = flags.DEFINE_integer("steps", 25, "Sampler steps.", lower_bound=1)
-_SAMPLER = flags.DEFINE_string("sampler", "ddim", "Sampler.")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", SAMPLERS, "Sampler.")
 _STRENGTH = flags.DEFINE_float("strength", 1.0, "Below 1: img2img from the real test images at this strength.",
                                 upper_bound=1.0)
 flags.register_validator("strength", lambda value: value > 0.0, message="--strength must be in (0, 1]")
@@ -64,6 +68,22 @@ _EMA = flags.DEFINE_bool("ema", True, "Use the EMA U-Net params when the checkpo
 _STEERING = flags.DEFINE_bool("steering", False, "Measure how far the shape word steers one-step predictions instead.")
 _STEERING_TIMESTEPS = flags.DEFINE_list("steering_timesteps", [str(t) for t in range(100, 1000, 100)],
                                         "Noise levels of --steering.")
+flags.register_validator("guidance", math.isfinite, message="--guidance must be a finite number")
+flags.register_validator("steering_timesteps", lambda values: all(v.strip().lstrip("-").isdigit() for v in values),
+                         message="--steering_timesteps must be integers")
+
+
+class InputError(ValueError):
+    """Bad input found after the flags were parsed: reported as one line on stderr, exit status 1."""
+
+
+def load(workdir: str, step: int | None):
+    """Checkpoint ``step`` of ``workdir`` (the latest for None) as a Pipeline, and its step; it needs a tokenizer."""
+    step = checkpoints.resolve_step(workdir, step)
+    pipe = checkpoints.load_pipeline(workdir, step, use_ema=_EMA.value)
+    if pipe.tokenizer is None:
+        raise InputError(f"{workdir} has no tokenizer/ folder (a training workdir keeps one beside checkpoints/)")
+    return pipe, step
 
 
 def generate(pipe, prompts: list[str], guidance: float, seed: int, batch: int,
@@ -132,8 +152,7 @@ def shape_confusion(predictions: list[dict], targets: list[dict]) -> dict[str, d
 
 def evaluate(workdir: str, step: int | None = None) -> dict:
     """Generate, score and return the report (see the module docstring)."""
-    step = checkpoints.resolve_step(workdir, step)
-    pipe = checkpoints.load_pipeline(workdir, step, use_ema=_EMA.value)
+    pipe, step = load(workdir, step)
     examples = [shapes.example("test", i) for i in range(_COUNT.value)]
     targets = [{k: e[k] for k in (*shapes_checker.ATTRIBUTES, "held_out")} for e in examples]
     prompts = [e["caption"] for e in examples]
@@ -153,15 +172,14 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
 
 def evaluate_steering(workdir: str, step: int | None = None) -> dict:
     """The --steering report: `word_steering.steering` on the first --count test images, --batch at a time."""
-    step = checkpoints.resolve_step(workdir, step)
-    pipe = checkpoints.load_pipeline(workdir, step, use_ema=_EMA.value)
+    pipe, step = load(workdir, step)
     try:
         timesteps = [int(t) for t in _STEERING_TIMESTEPS.value]
     except ValueError:
-        raise ValueError(f"--steering_timesteps must be integers, got {_STEERING_TIMESTEPS.value}") from None
+        raise InputError(f"--steering_timesteps must be integers, got {_STEERING_TIMESTEPS.value}") from None
     top = pipe.models.scheduler_config.get("num_train_timesteps", 1000)
     if not timesteps or not all(0 <= t < top for t in timesteps):
-        raise ValueError(f"--steering_timesteps must lie in [0, {top}), got {timesteps}")
+        raise InputError(f"--steering_timesteps must lie in [0, {top}), got {timesteps}")
     examples = [shapes.example("test", i) for i in range(_COUNT.value)]
     report = word_steering.steering(pipe, examples, timesteps, "shape", _GUIDANCE.value, _SEED.value, _BATCH.value)
     return {"step": step, "count": len(examples), "guidance": _GUIDANCE.value, "attribute": "shape",
@@ -192,15 +210,20 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Entry point of ``python -m ldm_jax.evaluate``."""
+    """Entry point of ``python -m ldm_jax.evaluate``: a missing or unusable checkpoint is one line on stderr."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        if _STEERING.value:
+            report = evaluate_steering(_CHECKPOINT.value, _STEP.value)
+        else:
+            report = evaluate(_CHECKPOINT.value, _STEP.value)
+    except (FileNotFoundError, WeightsMismatchError, InputError) as error:
+        sys.exit(f"ldm_jax.evaluate: error: {error}")
     if _STEERING.value:
-        report = evaluate_steering(_CHECKPOINT.value, _STEP.value)
         print_steering(report)
         suffix = "_steering"
     else:
-        report = evaluate(_CHECKPOINT.value, _STEP.value)
         print_table(report)
         suffix = "" if report["strength"] == 1.0 else f"_strength_{report['strength']:g}"
     path = os.path.join(_CHECKPOINT.value, f"eval_step_{report['step']}{suffix}.json")

@@ -89,6 +89,9 @@ def load() -> Pipeline:
     The params are placed on the first local device either way (a checkpoint
     restores them there), so both sources give the same compiled program.
     """
+    if _TOKENIZER.value is not None and not os.path.isdir(_TOKENIZER.value):
+        raise InputError(f"--tokenizer {_TOKENIZER.value} is not a folder: give a CLIP tokenizer folder "
+                         "(vocab.json, merges.txt), e.g. a diffusers pipeline's tokenizer/")
     dtype = jnp.dtype(_DTYPE.value)
     if _PRETRAINED.value is not None:
         pipe = Pipeline.from_pretrained(_PRETRAINED.value, dtype=dtype, attention_impl=_ATTENTION.value)
@@ -119,8 +122,10 @@ def image_size(pipe: Pipeline) -> tuple[int, int]:
     factor = 2 ** (len(pipe.vae.block_out_channels) - 1)
     size = pipe.configs["unet"]["sample_size"] * factor
     height, width = _HEIGHT.value or size, _WIDTH.value or size
-    if height % factor or width % factor:
-        raise InputError(f"--height {height} and --width {width} must be multiples of the VAE's factor {factor}")
+    multiple = factor * 2 ** (len(pipe.unet.block_out_channels) - 1)
+    if height % multiple or width % multiple:
+        raise InputError(f"--height {height} and --width {width} must be multiples of {multiple} (the VAE's "
+                         f"factor {factor} times the U-Net's {multiple // factor})")
     return height, width
 
 
@@ -137,6 +142,9 @@ def generate(pipe: Pipeline, cond: np.ndarray, uncond: np.ndarray, height: int, 
 
 def run() -> str:
     """Load, tokenize, sample and write the grid as the flags say; returns the path written."""
+    if os.path.isdir(_OUT.value):
+        raise InputError(f"--out {_OUT.value} is a folder: give the PNG file to write, e.g. "
+                         f"{os.path.join(_OUT.value, 'grid.png')}")
     with progress(f"loading {_PRETRAINED.value or _CHECKPOINT.value}"):
         pipe = load()
     cond = token_ids(pipe, _PROMPT.value, _NUM_IMAGES.value)

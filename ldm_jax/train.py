@@ -14,11 +14,13 @@ is compiled. Multi-host runs start JAX's distributed runtime first (see
 ``ldm_jax.parallel.initialize_distributed``).
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import host_memory, parallel
+from ldm_jax import parallel
 from ldm_jax.training import run_config
 from ldm_jax.training.autoencoder.loop import train_autoencoder
 from ldm_jax.training.diffusion.loop import train_diffusion
@@ -60,13 +62,18 @@ def main(argv: list[str]) -> None:
     """Entry point of ``python -m ldm_jax.train``."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    try:  # a config that cannot run (e.g. a model config) is one line on stderr, before any device is touched
+        run_config.validate(config)
+    except (KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        sys.exit(f"ldm_jax.train: error: --config {config_flags.get_config_filename(flags.FLAGS['config'])}: "
+                 f"{message}")
     jax.config.update("jax_threefry_partitionable", True)
     parallel.initialize_distributed()
-    config = _CONFIG.value
     run(config, _WORKDIR.value or config.workdir)
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_huge_pages()
     flags.mark_flag_as_required("config")
     app.run(main)

@@ -5,7 +5,7 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# One persistent compilation cache per test session (subprocesses inherit it): identical programs compile once.
+# One persistent compilation cache per test run (subprocesses inherit it): identical programs compile once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ldm_jax_xla_cache_"))
 
 import jax  # noqa: E402

@@ -74,7 +74,7 @@ def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def train(task: DiffusionTask, optimizer: object, mesh: jax.sharding.Mesh, state: object, frozen: object,
           shardings: tuple) -> tuple[object, list[float]]:
     """``STEPS`` jitted steps over `global_batches` (each process feeding its rows); returns the state and losses."""
-    step = diffusion_state.jit_train_step(task, optimizer, mesh, shardings)
+    step = diffusion_state.make_train_step(task, optimizer, mesh, shardings)
     losses = []
     for batch in global_batches():
         state, metrics = step(state, parallel.shard_batch(local_rows(batch), mesh), frozen,

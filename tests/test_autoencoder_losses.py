@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-import refs
-from refs import discriminator as disc_ref
+from ldm_jax import testing as refs
+from ldm_jax.testing import discriminator as disc_ref
 
 from ldm_jax.weights import convert
 from ldm_jax.models.discriminator import NLayerDiscriminator

@@ -17,7 +17,7 @@ from ldm_jax.data.input_pipeline import make_iterator
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.train import run
 from ldm_jax.training import checkpoints
-from ldm_jax.training.autoencoder import loop as autoencoder_loop
+from ldm_jax.training.autoencoder.state import stage_dir
 from ldm_jax.training.latent_cache import cache_folder, load_frozen_vae
 from ldm_jax.training.metrics import read_metrics
 from ldm_jax.training.run_config import run_config
@@ -63,7 +63,7 @@ def trained(shapes_dir, tmp_path_factory):
 
 
 def _vae_params(workdir: str, step: int):
-    folder = autoencoder_loop.stage_dir(workdir)
+    folder = stage_dir(workdir)
     with checkpoints.checkpoint_manager(folder, keep=None, create=False) as manager:
         metadata = checkpoints.params_metadata(manager, step)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), metadata["vae"])
@@ -74,7 +74,7 @@ def _vae_params(workdir: str, step: int):
 
 def test_stage1_trains_and_checkpoints(trained):
     config, workdir = trained
-    folder = autoencoder_loop.stage_dir(workdir)
+    folder = stage_dir(workdir)
     assert checkpoints.available_steps(folder) == [2, 3]
     records = read_metrics(folder)
     train = [r for r in records if "train/total_loss" in r]
@@ -112,7 +112,7 @@ def test_resume_continues_from_latest_checkpoint(trained, shapes_dir, tmp_path):
     resumed = str(tmp_path / "run")
     shutil.copytree(workdir, resumed)
     run(_config(shapes_dir, stages="autoencoder", autoencoder=dict(steps=5, checkpoint_every=5)), resumed)
-    folder = autoencoder_loop.stage_dir(resumed)
+    folder = stage_dir(resumed)
     assert checkpoints.available_steps(folder) == [2, 3, 5]
     steps = [r["step"] for r in read_metrics(folder) if "train/total_loss" in r]
     assert steps == [1, 2, 3, 4, 5]  # steps 1-3 from the first run, 4-5 resumed at step 3
@@ -198,7 +198,7 @@ def test_train_and_encode_latents_commands(shapes_dir, tmp_path):
     subprocess.run([sys.executable, "-m", "ldm_jax.train", *args, "--config.stages=autoencoder,latents"],
                    check=True, cwd=tmp_path, env=env, capture_output=True)
     workdir = str(tmp_path / "run")
-    assert checkpoints.available_steps(autoencoder_loop.stage_dir(workdir)) == [2, 4]
+    assert checkpoints.available_steps(stage_dir(workdir)) == [2, 4]
     manifest = json.load(open(os.path.join(workdir, "latents", latents.MANIFEST)))
     assert manifest["splits"]["train"]["count"] == 512 and manifest["latent_shape"] == [32, 32, 4]
     assert manifest["vae"]["step"] == 4
@@ -226,10 +226,10 @@ def test_stage1_non_finite_steps_follow_the_nan_policy(shapes_dir, tmp_path, pol
             run(config, workdir)
     else:
         run(config, workdir)
-        skips = [row["train/nonfinite_skips"] for row in read_metrics(autoencoder_loop.stage_dir(workdir))
+        skips = [row["train/nonfinite_skips"] for row in read_metrics(stage_dir(workdir))
                  if "train/nonfinite_skips" in row]
         assert skips[-1] >= 1
-    folder = autoencoder_loop.stage_dir(workdir)
+    folder = stage_dir(workdir)
     with checkpoints.checkpoint_manager(folder, keep=None, create=False) as manager:
         latest = manager.latest_step()
     assert latest is not None and (policy == "stop" or latest == 4)

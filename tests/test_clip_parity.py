@@ -17,8 +17,8 @@ import transformers
 
 from ldm_jax.weights import convert
 from ldm_jax.models import clip
-from tests import refs
-from tests.refs import clip as ref_clip
+from ldm_jax import testing as refs
+from ldm_jax.testing import clip as ref_clip
 
 CONFIGS = {"sd1": ref_clip.CLIP_SD1_TINY, "sd2": ref_clip.CLIP_SD2_TINY}
 PAD_TOKENS = {"sd1": ref_clip.EOS, "sd2": "!"}

@@ -30,7 +30,7 @@ def _smaller_unet_params() -> int:
     config = tiny.get_config()
     for (section, key), value in SMALLER.items():
         config[section][key] = value
-    unet = compile_cost.build_task(config, "float32")[0].unet
+    unet = compile_cost.build_stage2(config, {}, 8, "float32").task.unet
     return sum(x.size for x in jax.tree.leaves(abstract_params(unet, "unet", config.unet.to_dict())))
 
 
@@ -79,3 +79,14 @@ def test_parse_mesh():
     assert parse_mesh("data=2, fsdp=4,tensor=1") == {"data": 2, "fsdp": 4, "tensor": 1}
     with pytest.raises(ValueError, match="mesh item .fsdp:4. is not NAME=SIZE"):
         parse_mesh("data=2,fsdp:4")
+
+
+def test_a_mesh_that_cannot_work_is_one_line_on_stderr():
+    """The command reports the mesh error in one line and exits non-zero, without a traceback."""
+    done = subprocess.run([sys.executable, "-m", "ldm_jax.compile_check", "--config", "configs/tiny.py", "--mesh",
+                           "data=3", "--devices", "8"], cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert ("ldm_jax.compile_check: error: mesh sizes {'data': 3, 'fsdp': 1, 'tensor': 1} make 3 devices, but there "
+            "are 8 devices") in done.stderr

@@ -30,7 +30,7 @@ from ldm_jax.training import checkpoints
 from ldm_jax.training.diffusion import loop as diffusion_loop
 from ldm_jax.training.diffusion import state as diffusion_state
 from ldm_jax.training.diffusion.step import (DiffusionTask, diffusion_loss, drop_captions, loss_weights,
-                                             resolve_batch_slices, sample_timesteps)
+                                             sample_timesteps)
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter, read_metrics
 from tests.test_autoencoder_training import _config
 from tests.test_fault_tolerance import _saved
@@ -87,49 +87,6 @@ def test_loss_matches_the_diffusers_training_recipe(prediction_type, gamma):
     else:
         weights = np.ones(4)
     np.testing.assert_allclose(float(loss), (weights * mse).mean(), rtol=2e-5)
-
-
-def test_batch_slices_give_the_loss_and_gradient_of_the_whole_batch():
-    """The U-Net on 2 or 4 interleaved slices of a batch of 4: the same loss, metrics and U-Net gradient as one pass
-    over the whole batch (caption dropout and min-SNR weights included: they are per example)."""
-    unet, text, params, frozen, batch = _tiny_models_and_batch()
-    results, scheduler = {}, tuple(sorted(sd15.SD_SCHEDULER.items()))
-    for slices in (1, 2, 4):
-        task = DiffusionTask(unet=unet, text_encoder=text, vae=None, scheduler=scheduler, scale_factor=0.5,
-                             caption_dropout=0.5, min_snr_gamma=5.0, batch_slices=slices)
-        grad_fn = jax.jit(jax.value_and_grad(lambda p: diffusion_loss(task, p, frozen, batch, jax.random.key(3)),
-                                             has_aux=True))
-        results[slices] = grad_fn(params)
-    (_, whole), whole_grads = results[1]
-    for slices in (2, 4):
-        (_, metrics), grads = results[slices]
-        for key, value in whole.items():
-            np.testing.assert_allclose(metrics[key], value, rtol=1e-5, err_msg=key)
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(whole_grads)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
-
-
-def _slices_in_a_fresh_process(one_core: bool) -> list[str]:
-    """resolve_batch_slices(0, 16) and (0, 15) on one CPU device, printed by a new process on all this process's
-    cores or on one."""
-    pin = "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " if one_core else ""
-    code = (f"import os; {pin}from ldm_jax.training.diffusion.step import resolve_batch_slices as r; "
-            "print(r(0, 16), r(0, 15))")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XLA_FLAGS": ""}, capture_output=True,
-                          text=True, timeout=120, check=True)
-    return done.stdout.split()
-
-
-def test_batch_slices_resolve_to_two_on_one_cpu_device_with_cores_to_spare():
-    assert resolve_batch_slices(4, 8) == 4
-    with pytest.raises(ValueError, match="diffusion.batch_slices 3 does not divide the 8 examples each device holds"):
-        resolve_batch_slices(3, 8)
-    with pytest.raises(ValueError, match=r"must be 0 \(auto\) or positive, got -1"):
-        resolve_batch_slices(-1, 8)
-    assert resolve_batch_slices(0, 16) == 1  # this process has 8 CPU devices
-    cores = len(os.sched_getaffinity(0))
-    assert _slices_in_a_fresh_process(one_core=False) == (["2", "1"] if cores >= 2 else ["1", "1"])
-    assert _slices_in_a_fresh_process(one_core=True) == ["1", "1"]
 
 
 @pytest.mark.parametrize("mean,std", [(0.0, 1.0), (0.5, 0.7)])
@@ -263,13 +220,13 @@ def assert_trained_alike(got, expected) -> None:
                                        err_msg=jax.tree_util.keystr(path))
 
 
-def _start_stage2_on_one_device(chain, workdir: str, slice_execution: str) -> subprocess.Popen:
+def _start_stage2_on_one_device(chain, workdir: str, batch_slices: int) -> subprocess.Popen:
     """Start stage 2 of the chain (2 steps, the text encoder trained) in a new process on one CPU device, from a
     copy of the chain's workdir without its stage-2 checkpoints (its stderr piped)."""
     _, source, data_dir = chain
     shutil.copytree(source, workdir)
     shutil.rmtree(checkpoints.checkpoint_dir(workdir))
-    diffusion = {**_DIFFUSION, "steps": 2, "sample_every": -1, "slice_execution": slice_execution}
+    diffusion = {**_DIFFUSION, "steps": 2, "sample_every": -1, "batch_slices": batch_slices}
     code = ("from absl import logging; from ldm_jax.train import run; "
             "from tests.test_autoencoder_training import _config; logging.set_verbosity('info'); "
             f"run(_config({data_dir!r}, stages='diffusion', diffusion={diffusion!r}), {workdir!r})")
@@ -282,28 +239,28 @@ def _start_stage2_on_one_device(chain, workdir: str, slice_execution: str) -> su
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU device takes 2 batch slices with 2 cores")
 def test_the_trainer_runs_concurrent_slices_on_one_cpu_device_as_it_runs_one_program(chain, tmp_path):
-    """The stage-2 loop on one CPU device with 2 cores, the text encoder trained: 'auto' runs 2 slices as
-    concurrent programs, and its checkpoint (params, EMA, optimizer moments) and logged losses match
-    'in_program''s."""
-    processes = {mode: _start_stage2_on_one_device(chain, str(tmp_path / mode), mode)
-                 for mode in ("auto", "in_program")}  # side by side: most of each is a single-threaded compile
-    logs = {mode: process.communicate(timeout=600)[1] for mode, process in processes.items()}
-    for mode, process in processes.items():
-        assert process.returncode == 0, logs[mode][-3000:]
-    assert "runs on 2 slice(s) of each device's batch, as concurrent programs" in logs["auto"]
-    assert "runs on 2 slice(s) of each device's batch\n" in logs["in_program"]
-    losses = {mode: [r["train/loss"] for r in read_metrics(str(tmp_path / mode)) if "train/loss" in r]
-              for mode in logs}
-    assert len(losses["auto"]) == 2
-    np.testing.assert_allclose(losses["auto"], losses["in_program"], rtol=2e-5)
-    assert_trained_alike(*(_saved(str(tmp_path / mode), 2) for mode in logs))
+    """The stage-2 loop on one CPU device with 2 cores, the text encoder trained: auto batch slices (0) run 2
+    slices as concurrent programs, and its checkpoint (params, EMA, optimizer moments) and logged losses match
+    one program's (1)."""
+    processes = {slices: _start_stage2_on_one_device(chain, str(tmp_path / str(slices)), slices)
+                 for slices in (0, 1)}  # side by side: most of each is a single-threaded compile
+    logs = {slices: process.communicate(timeout=600)[1] for slices, process in processes.items()}
+    for slices, process in processes.items():
+        assert process.returncode == 0, logs[slices][-3000:]
+    assert "runs on 2 slice(s) of each device's batch, as concurrent programs" in logs[0]
+    assert "runs on 1 slice(s) of each device's batch\n" in logs[1]
+    losses = {slices: [r["train/loss"] for r in read_metrics(str(tmp_path / str(slices))) if "train/loss" in r]
+              for slices in logs}
+    assert len(losses[0]) == 2
+    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-5)
+    assert_trained_alike(*(_saved(str(tmp_path / str(slices)), 2) for slices in logs))
 
 
 @pytest.mark.parametrize("state_layout", ["auto", "default"])
 def test_compiled_step_takes_its_state_in_the_layouts_it_chose(state_layout):
-    """`compile_train_step` lowers the state abstractly and moves it into the compiled step's input formats;
+    """`compile_with_state` lowers the state abstractly and moves it into the compiled step's input formats;
     stepping through it gives what the plain jitted step gives (the GPU case, where 'auto' picks cuDNN's
-    kernel layouts, was checked on an H200: README "Results")."""
+    kernel layouts, is checked on an H200: docs/experiments.md)."""
     mesh = parallel.make_mesh({})
     sharding = parallel.replicated(mesh)
     state = {"kernel": jnp.arange(3 * 3 * 4 * 8, dtype=jnp.float32).reshape(3, 3, 4, 8) / 100, "step": jnp.int32(0)}
@@ -318,7 +275,7 @@ def test_compiled_step_takes_its_state_in_the_layouts_it_chose(state_layout):
     formats = diffusion_state.state_formats(jax.tree.map(lambda _: sharding, state), state_layout)
     jitted = jax.jit(step, in_shardings=(formats, sharding), out_shardings=(formats, sharding), donate_argnums=0)
     expected, expected_loss = jax.jit(step)(jax.tree.map(jnp.copy, state), images)
-    compiled, placed = diffusion_state.compile_train_step(jitted, state, images)
+    compiled, placed = diffusion_state.compile_with_state(jitted, state, images)
     assert jax.tree.map(lambda x: x.format, placed) == compiled.input_formats[0][0]
     placed, loss = compiled(placed, images)
     assert float(loss) == float(expected_loss) and int(placed["step"]) == 1
@@ -388,20 +345,20 @@ def test_logged_metrics_are_the_values_of_their_steps(chain, tmp_path):
 
 def test_run_config_speed_settings_reach_the_stage_2_modules(chain):
     """attention_impl reaches the U-Net, the text encoder and the sampling VAE; remat_policy the U-Net; bfloat16
-    the compute dtype; the EMA warmup, timestep sampling and batch slices the step. No params change: stage 2
-    builds its modules from the same configs."""
+    the compute dtype; the EMA warmup and timestep sampling the step. No params change: stage 2 builds its
+    modules from the same configs."""
     _, workdir, data_dir = chain
     config = _config(data_dir, stages="diffusion", attention_impl="xla",
                      diffusion={**_DIFFUSION, "remat_policy": "full", "dtype": "bfloat16", "ema_warmup": False,
                                 "timestep_sampling": "logit_normal", "timestep_logit_mean": 0.3,
-                                "timestep_logit_std": 0.8, "batch_slices": 2})
-    stage, _ = diffusion_loop.setup(config, workdir, device_batch=4)
+                                "timestep_logit_std": 0.8})
+    _, stage = diffusion_loop.setup(config, workdir)
     for module in (stage.task.unet, stage.task.text_encoder, stage.models.unet, stage.models.vae):
         assert module.attention_impl == "xla" and module.dtype == jnp.bfloat16
     assert stage.task.unet.remat_policy == "full"
     task = stage.task
-    assert (task.ema_warmup, task.timestep_sampling, task.logit_mean, task.logit_std, task.batch_slices) == (
-        False, "logit_normal", 0.3, 0.8, 2)
+    assert (task.ema_warmup, task.timestep_sampling, task.logit_mean, task.logit_std) == (
+        False, "logit_normal", 0.3, 0.8)
     assert stage.configs["unet"] == config.unet.to_dict()  # the saved diffusers config holds neither setting
 
 

@@ -10,8 +10,8 @@ import pytest
 import safetensors.numpy
 import torch
 
-import refs
-from refs import lpips as lpips_ref
+from ldm_jax import testing as refs
+from ldm_jax.testing import lpips as lpips_ref
 
 from ldm_jax.weights import convert
 from ldm_jax.models.lpips import LPIPS, params_from_torch
@@ -43,7 +43,7 @@ def torch_state_dicts(model: torch.nn.Module) -> tuple[dict, dict]:
 
 @functools.cache
 def apply_fn(channels=LPIPS.channels):
-    """Jitted ``LPIPS(channels).apply`` (one compile per shape per session)."""
+    """Jitted ``LPIPS(channels).apply`` (one compile per shape per test process)."""
     return jax.jit(LPIPS(channels).apply)
 
 

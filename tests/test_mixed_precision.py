@@ -8,7 +8,7 @@ from configs import sd15, tiny
 from ldm_jax.pipeline import build_modules, init_inputs
 from ldm_jax.training.diffusion.step import DiffusionTask, diffusion_loss, train_step
 from ldm_jax.training.train_state import TrainState, make_optimizer
-from tests.refs import random_params
+from ldm_jax.testing import random_params
 from tests.test_remat import CONFIG as SMALL_UNET
 
 # bfloat16 keeps 8 significant bits; the loss of this batch moves by 1.0e-4 relative (1.3e-3 with a resnet per

@@ -26,8 +26,8 @@ from ldm_jax.weights import convert, diffusers_folder, single_file
 
 from ldm_jax.models.clip import normalize_state_dict, tokenize
 from ldm_jax.weights.convert import WeightsMismatchError
-from tests.refs import max_rel_error, numpy_state_dict
-from tests.refs import pipeline as pipeline_refs
+from ldm_jax.testing import max_rel_error, numpy_state_dict
+from ldm_jax.testing import pipeline as pipeline_refs
 
 PROMPTS = ["a red circle", "a photo of a cat on a mat"]
 TOL = 1e-4
@@ -205,3 +205,10 @@ def test_configs_describe_the_reference_architectures(name, arg):
         state = normalize_state_dict(state) if component == "text_encoder" else state
         expected = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("position_ids")}
         assert convert.state_dict_shapes(abstract[component]) == expected, component
+
+
+def test_tokenize_is_exported_at_the_top_level():
+    import ldm_jax
+    from ldm_jax.models import clip
+
+    assert ldm_jax.tokenize is clip.tokenize and "tokenize" in ldm_jax.__all__

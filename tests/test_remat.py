@@ -7,7 +7,7 @@ import pytest
 
 from ldm_jax.models.layers import REMAT_POLICIES
 from ldm_jax.models.unet import UNet2DConditionModel
-from tests.refs import random_params
+from ldm_jax.testing import random_params
 
 # One level, no resnets on the way down (a small program: fast compiles): the mid block and one up resnet +
 # transformer pair.

@@ -128,11 +128,11 @@ def test_axis_rules_of_the_config_lay_out_the_parameters():
 
 
 @pytest.mark.parametrize("slices,devices,error", [
-    (3, 2, r"diffusion.batch_slices 3 does not divide the 8 examples each device holds of diffusion.batch_size 16 "
-           r"\(data-parallel size 2\)"),
-    (4, 8, "diffusion.batch_slices 4 does not divide the 2 examples each device holds"),
-    (4, 2, None), (2, 8, None), (0, 8, None)])
-def test_batch_slices_must_divide_each_devices_share_of_the_stage_2_batch(slices, devices, error):
+    (3, 1, r"diffusion.batch_slices 3 does not divide diffusion.batch_size 16"),
+    (2, 8, r"diffusion.batch_slices 2 runs the slices as concurrent programs on one CPU device; this run has 8 "
+           r"devices"),
+    (4, 1, None), (1, 8, None), (0, 8, None)])
+def test_batch_slices_need_one_device_and_must_divide_the_stage_2_batch(slices, devices, error):
     quick = base.get_config("quick").diffusion.to_dict()
     config = run_config.run_config(**_sections(diffusion={**quick, "batch_size": 16, "batch_slices": slices}))
     if error:
@@ -210,10 +210,12 @@ def _device_violations(v: dict) -> list[str]:
     found = [f"{key} {size} is not divisible by the data-parallel size {parallel_size}"
              for key, size in batches.items() if size % parallel_size]
     diffusion_key = "diffusion.batch_size" if v["diffusion_batch"] else "data.batch_size"
-    per_device = batches[diffusion_key] // parallel_size
-    if not found and v["batch_slices"] and per_device % v["batch_slices"]:
-        found.append(f"diffusion.batch_slices {v['batch_slices']} does not divide the {per_device} examples each "
-                     f"device holds of {diffusion_key} {batches[diffusion_key]}")
+    if not found and v["batch_slices"] > 1 and v["devices"] > 1:
+        found.append(f"diffusion.batch_slices {v['batch_slices']} runs the slices as concurrent programs on one CPU "
+                     f"device; this run has {v['devices']} devices")
+    elif not found and v["batch_slices"] > 1 and batches[diffusion_key] % v["batch_slices"]:
+        found.append(f"diffusion.batch_slices {v['batch_slices']} does not divide {diffusion_key} "
+                     f"{batches[diffusion_key]}")
     return found
 
 
@@ -330,3 +332,42 @@ def test_trainer_refuses_a_wrong_checkpoint_before_building_anything(sources, tm
     with pytest.raises(ValueError, match="init_from=.* is a training workdir with a stage-1"):
         train.run(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # failed before any stage wrote anything
+
+
+# ----------------------------------------------------------------------------- model configs vs run configs
+
+def _load_config(spec: str):
+    """``configs/x.py[:variant]`` as the trainer's --config flag loads it."""
+    import importlib
+
+    path, _, variant = spec.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return module.get_config(variant or None)
+
+
+def test_run_configs_lists_exactly_the_run_configs():
+    for spec in run_config.RUN_CONFIGS:
+        run_config.validate(_load_config(spec))
+    for spec in ("configs/tiny.py", "configs/sd15.py", "configs/sd21.py", "configs/sd21.py:base"):
+        with pytest.raises(ValueError, match=re.escape("this is a model config (keys image_size, scheduler, "
+                                                       "text_encoder, unet, vae; no 'stages'); training takes a "
+                                                       "run config (built by ldm_jax.training.run_config.run_config"
+                                                       "): configs/base.py, configs/base.py:quick") + ".*"
+                                                       + re.escape("configs/tiny.py:run")):
+            run_config.validate(_load_config(spec))
+    with pytest.raises(ValueError, match=r"this is not a run config \(no 'workdir', 'seed', 'stages', .*'diffusion'"
+                                         r"\); training takes a run config"):
+        run_config.validate(_load_config("configs/data_example.py"))
+
+
+def test_trainer_on_a_model_config_exits_with_one_line_naming_the_run_configs():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "ldm_jax.train", "--config", "configs/tiny.py"], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.fullmatch(r"ldm_jax.train: error: --config configs/tiny.py: this is a model config \(.*no 'stages'\); "
+                        r"training takes a run config .*configs/tiny.py:run.*", result.stderr.splitlines()[-1])

@@ -1,6 +1,6 @@
 """`python -m ldm_jax.sample` and the training-workdir checkpoints it reads (ldm_jax.training.checkpoints).
 
-A tiny random-weight diffusers pipeline (tests/refs/pipeline.py) is loaded
+A tiny random-weight diffusers pipeline (ldm_jax/testing/pipeline.py) is loaded
 with ``--pretrained`` and, after `save_pipeline`, with ``--checkpoint``.
 Only three runs go through a subprocess (each pays the JAX import); the other
 CLI runs call ``sample.main`` in this process, where compiled code is reused.
@@ -24,7 +24,7 @@ from ldm_jax import Pipeline, sample
 from ldm_jax import images as images_lib
 from ldm_jax.training import checkpoints
 from ldm_jax.weights.convert import WeightsMismatchError
-from tests.refs import pipeline as pipeline_refs
+from ldm_jax.testing import pipeline as pipeline_refs
 
 LONG_PROMPT = "a photo of a small red circle and a big blue square in the sky with a green tree and a house"
 SIZE = 32  # the tiny U-Net's sample size 16 times the VAE factor 2
@@ -173,7 +173,8 @@ def test_checkpoint_gives_the_same_file(first_grid, workdir, in_process, tmp_pat
 
 
 BAD_INPUTS = ("unknown sampler", "steps < 1", "steps not an integer", "NaN guidance", "num-images < 1",
-              "missing pretrained", "missing checkpoint", "missing step", "neither", "both")
+              "missing pretrained", "missing checkpoint", "missing step", "neither", "both", "tokenizer not a folder",
+              "out is a folder", "size not a U-Net multiple")
 
 
 def bad_input(case: str, folder: str, workdir: str) -> tuple[list[str], str]:
@@ -197,6 +198,12 @@ def bad_input(case: str, folder: str, workdir: str) -> tuple[list[str], str]:
                                            "--pretrained DIR or --checkpoint WORKDIR"),
         "both": ([*pretrained, "--checkpoint", workdir], "flags pretrained=.*, checkpoint=.*: give exactly one of "
                                                          "--pretrained DIR or --checkpoint WORKDIR"),
+        "tokenizer not a folder": ([*pretrained, "--tokenizer", "/nonexistent/tokenizer"],
+                                   "--tokenizer /nonexistent/tokenizer is not a folder: give a CLIP tokenizer folder"),
+        "out is a folder": ([*pretrained, "--out", folder], f"--out {folder} is a folder: give the PNG file to write"),
+        "size not a U-Net multiple": ([*pretrained, "--height", "6"],
+                                      r"--height 6 and --width 32 must be multiples of 4 \(the VAE's factor 2 times "
+                                      r"the U-Net's 2\)"),
     }
     args, message = cases[case]
     return args, "ldm_jax.sample: error: " + message + ".*"
@@ -216,3 +223,12 @@ def test_bad_input_exits_without_traceback(case, folder, workdir):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert re.fullmatch(message, result.stderr.splitlines()[-1]), result.stderr
+
+
+def test_evaluate_on_a_missing_checkpoint_exits_with_one_line(tmp_path):
+    """``python -m ldm_jax.evaluate`` (whose flags clash with this CLI's, so only in a subprocess)."""
+    result = subprocess.run([sys.executable, "-m", "ldm_jax.evaluate", "--checkpoint", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.fullmatch(f"ldm_jax.evaluate: error: no checkpoint in {tmp_path}: expected step folders .*",
+                        result.stderr.splitlines()[-1])

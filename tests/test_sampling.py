@@ -1,7 +1,7 @@
 """`sample_fn` end to end against diffusers' pipelines (tiny random weights), and its own guarantees.
 
 The reference is a diffusers StableDiffusionPipeline saved to a folder
-(tests/refs/pipeline.py); ours is `sample_fn` on `Pipeline.from_pretrained`
+(ldm_jax/testing/pipeline.py); ours is `sample_fn` on `Pipeline.from_pretrained`
 of that folder. Both get the same token ids and the same standard normal
 initial latents; where diffusers draws other random numbers (the VAE
 posterior sample, img2img noise) the test patches them to ours.
@@ -32,8 +32,8 @@ from jax.sharding import PartitionSpec as P
 from ldm_jax import Pipeline, sample_fn
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.models.clip import tokenize
-from tests.refs import max_rel_error
-from tests.refs import pipeline as pipeline_refs
+from ldm_jax.testing import max_rel_error
+from ldm_jax.testing import pipeline as pipeline_refs
 
 PROMPTS = [f"a {color} {shape}" for color in ("red", "green", "blue", "big") for shape in ("circle", "cat")]
 BATCH = len(PROMPTS)  # 8: one per CPU device in the sharded run
@@ -361,3 +361,58 @@ def test_invalid_arguments_are_named_before_tracing(ref):
                         steps=STEPS, height=HEIGHT, width=WIDTH)
     with pytest.raises(TypeError):  # valid inputs do reach jit, which refuses the object
         ours(ref, params=object())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampler_options: a dict, frozen before jit
+
+
+def test_sampler_options_dict_gives_the_pairs_result_from_one_program(ref, text_to_image):
+    """A dict is frozen into sorted (name, value) pairs: any order and the pairs themselves share one program."""
+    as_dict = ours(ref, sampler_options={"timestep_spacing": "trailing", "eta": 0.0})
+    programs = sample_fn._cache_size()
+    as_pairs = ours(ref, sampler_options=(("eta", 0.0), ("timestep_spacing", "trailing")))
+    reordered = ours(ref, sampler_options={"eta": 0.0, "timestep_spacing": "trailing"})
+    assert sample_fn._cache_size() == programs
+    for mine, pairs, other in zip(as_dict, as_pairs, reordered):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(pairs))
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(other))
+    assert np.abs(np.asarray(as_dict[0]) - text_to_image[0]).max() > 0.05  # the option was applied
+    lowered = sample_fn.lower(ref.pipe.params, ref.ids, ref.uncond, jax.random.key(0), ref.latents,
+                              models=ref.pipe.models, sampler="ddim", steps=STEPS, guidance_scale=GUIDANCE,
+                              height=HEIGHT, width=WIDTH, sampler_options={"timestep_spacing": "trailing"})
+    assert hasattr(lowered, "compile")
+
+
+def test_bad_sampler_options_init_images_models_and_params_are_named_before_tracing(ref):
+    """As `test_invalid_arguments_are_named_before_tracing`: ``params`` is an object jit would refuse."""
+    image = ref.image * 2 - 1
+    unet_factor = 2 ** (len(ref.pipe.unet.block_out_channels) - 1)
+    assert unet_factor > 1
+    cases = [
+        (dict(sampler_options={"etaa": 0.0}),
+         r"sampler 'ddim' with sampler_options \{'etaa': 0.0\}: sampler 'ddim' has no options \['etaa'\]"),
+        (dict(sampler="euler", sampler_options={"eta": 0.5}), r"sampler 'euler' has no options \['eta'\]"),
+        (dict(sampler_options={"eta": "abc"}),
+         r"sampler 'ddim' with sampler_options \{'eta': 'abc'\}: could not convert string to float"),
+        (dict(sampler_options={"timestep_spacing": "even"}), "unknown timestep spacing 'even'"),
+        (dict(sampler_options={"eta": np.zeros(2)}),
+         r"sampler_options\['eta'\] must be a plain value \(number, bool, string or None\), got ndarray"),
+        (dict(sampler_options=("eta", 0.0)), "sampler_options must be a mapping of option names to values"),
+        (dict(sampler_options=[("eta", 0.0), ("eta", 1.0)]), "sampler_options names an option twice"),
+        (dict(init_image="cat.png"), "init_image must be an array of images .* got str"),
+        (dict(init_image=np.concatenate([image, image[..., :1]], -1)), "init_image has 4 channels, the VAE takes 3"),
+        (dict(init_image=(ref.image * 255).astype(np.uint8)), "init_image must hold float values in .* uint8"),
+        (dict(init_image=ref.image * 255), r"init_image holds values in \[.*\], outside \[-1, 1\]"),
+        (dict(height=HEIGHT + 2), rf"image size {HEIGHT + 2}x{WIDTH} must be divisible by {2 * unet_factor}: the "
+                                  rf"VAE's downsampling factor 2 times the U-Net's {unet_factor}"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ours(ref, params=object(), **kwargs)
+    with pytest.raises(ValueError, match=r"models must be the static Models bundle \(Pipeline.models or "
+                                         r"Models.create\), got Pipeline"):
+        sample_fn(ref.pipe.params, ref.ids, ref.uncond, jax.random.key(0), models=ref.pipe)
+    with pytest.raises(ValueError, match=r"params must hold the 'unet', 'vae' and 'text_encoder' param trees "
+                                         r"\(Pipeline.params\), got keys \['unet'\]"):
+        ours(ref, params={"unet": ref.pipe.params["unet"]})

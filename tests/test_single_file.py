@@ -29,7 +29,7 @@ import transformers
 from ldm_jax.weights import single_file as sf
 from ldm_jax.models.clip import normalize_state_dict
 from ldm_jax.models.vae import DEFAULT_SCALING_FACTOR
-from tests.refs import max_rel_error, numpy_state_dict, perturb_norms
+from ldm_jax.testing import max_rel_error, numpy_state_dict, perturb_norms
 
 VOCAB, POSITIONS = 99, 16
 

@@ -14,8 +14,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 
 from ldm_jax.weights import convert
 from ldm_jax.models.unet import GEGLU, UNet2DConditionModel, timestep_embedding
-from tests.refs import max_rel_error, numpy_state_dict
-from tests.refs import unet as refs
+from ldm_jax.testing import max_rel_error, numpy_state_dict
+from ldm_jax.testing import unet as refs
 
 CONFIGS = {"sd1": refs.SD1_TINY, "sd2": refs.SD2_TINY, "text_time": refs.TEXT_TIME_TINY,
            "scale_shift": dict(refs.SD1_TINY, resnet_time_scale_shift="scale_shift"),

@@ -16,8 +16,8 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-import refs
-from refs.vae import VAE_SD, VAE_TINY, build
+from ldm_jax import testing as refs
+from ldm_jax.testing.vae import VAE_SD, VAE_TINY, build
 
 from ldm_jax.weights import convert
 from ldm_jax.models.vae import AutoencoderKL, DiagonalGaussian, scaling_factor
@@ -57,7 +57,7 @@ def image(shape, seed: int) -> np.ndarray:
 def setup_pair(name: str, dtype=jnp.float32):
     """For ``CONFIGS[name]``: the diffusers reference and its outputs, our module with params loaded
     from its state dict, and ``run(params, x, z)``, one jitted function giving ``__call__(x)`` and
-    ``decode(z)`` (cached, so each config and dtype compiles once per session)."""
+    ``decode(z)`` (cached, so each config and dtype compiles once per test process)."""
     seed = sorted(CONFIGS).index(name)
     ref = build(CONFIGS[name], seed)
     model = AutoencoderKL.from_diffusers_config(ref.config, dtype=dtype)

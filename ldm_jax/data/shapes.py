@@ -49,7 +49,7 @@ _CENTRES = {"top left": (16, 16), "top right": (48, 16), "bottom left": (16, 48)
 _RADII = {"small": (6.0, 9.0), "large": (12.0, 15.0)}
 # The most a shape's centre moves from its region's centre, per axis. Version 1 let small shapes move up to 9 px (the
 # room left in their 16-px quarter); a 32x32-latent model trained for 30 CPU minutes then drew them as blobs (shape
-# read right 22%), against 45% with every shape within 3 px, as large shapes always were (README, session 14).
+# read right 22%), against 45% with every shape within 3 px, as large shapes always were (docs/experiments.md).
 MAX_JITTER = 3.0
 _SUPERSAMPLE = 4  # sub-pixels per side for anti-aliased edges
 

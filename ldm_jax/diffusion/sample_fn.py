@@ -3,8 +3,9 @@
 tokens -> CLIP -> classifier-free-guided sampler loop over latents
 (``lax.scan``) -> VAE decode -> images. Everything that changes the compiled
 program (the modules, the sampler, step count, guidance scale, image size) is
-static; params, token ids, the rng key and optional starting latents / images
-are traced, so a new prompt or seed reuses the compiled code. Its inputs are
+static (``sampler_options`` may be a dict: it is frozen into sorted pairs);
+params, token ids, the rng key and optional starting latents / images are
+traced, so a new prompt or seed reuses the compiled code. Its inputs are
 checked (`check_inputs`) before tracing: a bad one is a ValueError naming it,
 never an error inside XLA.
 """
@@ -25,6 +26,39 @@ from ldm_jax.diffusion import samplers
 def _frozen(value: Any) -> Any:
     """Lists (from JSON configs) to tuples, so a config can be part of a static argument."""
     return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def freeze_sampler_options(options: Any) -> tuple[tuple[str, Any], ...]:
+    """``sampler_options`` in the hashable form jit's static arguments need: ``(name, value)`` pairs sorted by name.
+
+    Takes a mapping (``{'use_karras_sigmas': True}``), pairs already, or None;
+    lists in values become tuples. ValueError naming ``sampler_options`` for
+    anything else, a repeated name or a value that is not hashable (an array).
+    """
+    if options is None:
+        return ()
+    if hasattr(options, "keys") and hasattr(options, "items"):
+        items = list(options.items())
+    elif isinstance(options, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in options):
+        items = [tuple(p) for p in options]
+    else:
+        raise ValueError(f"sampler_options must be a mapping of option names to values, e.g. {{'eta': 0.0}}, or "
+                         f"(name, value) pairs; got {options!r}")
+    names = [name for name, _ in items]
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError(f"sampler_options names must be strings, got {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"sampler_options names an option twice: {names}")
+    frozen = []
+    for name, value in items:
+        value = _frozen(value)
+        try:
+            hash(value)
+        except TypeError:
+            raise ValueError(f"sampler_options[{name!r}] must be a plain value (number, bool, string or None), "
+                             f"got {type(value).__name__} {value!r}") from None
+        frozen.append((name, value))
+    return tuple(sorted(frozen, key=lambda pair: pair[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +87,16 @@ class Models:
         return dict(self.scheduler)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """NHWC latent shape for images of ``height`` x ``width``; ValueError if not divisible by the VAE factor."""
+        """NHWC latent shape for images of ``height`` x ``width``; ValueError if the VAE and then the U-Net cannot
+        downsample them evenly."""
         factor = 2 ** (len(self.vae.block_out_channels) - 1)
         if height % factor or width % factor:
             raise ValueError(f"image size {height}x{width} must be divisible by the VAE's downsampling factor "
                              f"{factor}")
+        unet_factor = 2 ** (len(self.unet.block_out_channels) - 1)
+        if (height // factor) % unet_factor or (width // factor) % unet_factor:
+            raise ValueError(f"image size {height}x{width} must be divisible by {factor * unet_factor}: the VAE's "
+                             f"downsampling factor {factor} times the U-Net's {unet_factor}")
         return batch, height // factor, width // factor, self.vae.latent_channels
 
 
@@ -122,7 +161,9 @@ def _sample(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Arra
         does with a 4-channel U-Net.
       models: the static `Models` bundle (``Pipeline.models``).
       sampler: one of ``samplers.SAMPLERS``; ``sampler_options`` are its
-        options as ``(name, value)`` pairs, e.g. ``(('eta', 0.0),)``.
+        options (``samplers`` module docstring), a mapping such as
+        ``{'use_karras_sigmas': True}`` or ``(name, value)`` pairs; `sample_fn`
+        freezes a mapping into sorted pairs, so equal options share a program.
       steps, guidance_scale, height, width, strength: as in diffusers' pipelines
         (``strength`` needs ``init_image``). Unlike diffusers, a
         ``guidance_scale`` below 1 still applies guidance; only exactly 1 skips
@@ -202,21 +243,52 @@ def _check_ids(name: str, ids: Any, vocab_size: int) -> None:
                          f"vocabulary [0, {vocab_size})")
 
 
+def _check_image(image: Any, shape: tuple[int, int, int, int]) -> None:
+    """``init_image``: a float array of ``shape`` (values in [-1, 1] checked for host arrays)."""
+    if not (hasattr(image, "shape") and hasattr(image, "dtype")):
+        raise ValueError(f"init_image must be an array of images {list(shape)} in [-1, 1], got {type(image).__name__}"
+                         f" (load and convert the file first, e.g. ldm_jax.images.from_uint8(np.asarray(pil_image)))")
+    if len(_shape(image)) != 4 or _shape(image)[:3] != shape[:3]:
+        raise ValueError(f"init_image has shape {_shape(image)}, expected ({shape[0]}, {shape[1]}, {shape[2]}, "
+                         "channels)")
+    if _shape(image)[3] != shape[3]:
+        raise ValueError(f"init_image has {_shape(image)[3]} channels, the VAE takes {shape[3]} (RGB: drop an alpha "
+                         "channel)")
+    if not np.issubdtype(np.dtype(image.dtype), np.floating):
+        raise ValueError(f"init_image must hold float values in [-1, 1], got dtype {np.dtype(image.dtype)} "
+                         "(ldm_jax.images.from_uint8 converts uint8 images)")
+    if isinstance(image, np.ndarray) and image.size and (image.min() < -1.001 or image.max() > 1.001):
+        raise ValueError(f"init_image holds values in [{image.min():g}, {image.max():g}], outside [-1, 1] "
+                         "(ldm_jax.images.from_uint8 maps 0..255 to [-1, 1])")
+
+
 def check_inputs(params: Mapping[str, Any], cond_ids: Any, uncond_ids: Any, rng: Any, latents: Any = None,
                  init_image: Any = None, mask: Any = None, *, models: Models, sampler: str = "ddim", steps: int = 50,
                  guidance_scale: float = 7.5, height: int = 512, width: int = 512, strength: float = 1.0,
-                 sampler_options: tuple = (), sample_posterior: bool = True, return_latents: bool = False) -> None:
+                 sampler_options: Any = (), sample_posterior: bool = True, return_latents: bool = False) -> None:
     """ValueError naming the argument and its value for any input `sample_fn` cannot run on.
 
     Checks the settings (sampler name, step count, guidance, size, strength)
     and the shapes and dtypes of the arrays, plus the token id range of host
     arrays; `sample_fn` runs it before tracing, so no bad input reaches XLA.
     """
-    del params, sample_posterior, return_latents
+    del sample_posterior, return_latents
+    if not isinstance(models, Models):
+        raise ValueError(f"models must be the static Models bundle (Pipeline.models or Models.create), got "
+                         f"{type(models).__name__}")
+    if isinstance(params, Mapping) and not {"unet", "vae", "text_encoder"} <= set(params):
+        raise ValueError(f"params must hold the 'unet', 'vae' and 'text_encoder' param trees (Pipeline.params), got "
+                         f"keys {sorted(params)}")
     if sampler not in samplers.SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
     if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    options = dict(freeze_sampler_options(sampler_options))
+    try:  # the sampler's own checks of option names and values, plus bad values' numpy / float() errors
+        samplers.make_sampler(sampler, models.scheduler_config, steps, **options)
+    except Exception as error:  # any failure here comes from a bad option or scheduler config value
+        where = f"sampler_options {options}" if options else "the scheduler config"
+        raise ValueError(f"sampler {sampler!r} with {where}: {error}") from None
     if not _is_real(guidance_scale) or not np.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     for name, size in (("height", height), ("width", width)):
@@ -251,9 +323,8 @@ def check_inputs(params: Mapping[str, Any], cond_ids: Any, uncond_ids: Any, rng:
         raise ValueError(f"strength {strength} with {steps} steps leaves no step to run")
     if mask is not None and init_image is None:
         raise ValueError("inpainting needs init_image as well as mask")
-    if init_image is not None and (len(_shape(init_image)) != 4 or _shape(init_image)[:3] != (batch, height, width)):
-        raise ValueError(f"init_image has shape {_shape(init_image)}, expected ({batch}, {height}, {width}, "
-                         "channels)")
+    if init_image is not None:
+        _check_image(init_image, (batch, height, width, models.vae.in_channels))
     if mask is not None and not (len(_shape(mask)) == 4 and all(m in (1, n) for m, n in zip(_shape(mask),
                                                                                          shape[:3] + (1,)))):
         raise ValueError(f"mask has shape {_shape(mask)}, expected {shape[:3] + (1,)} (latent resolution) or one "
@@ -261,7 +332,11 @@ def check_inputs(params: Mapping[str, Any], cond_ids: Any, uncond_ids: Any, rng:
 
 
 class _CheckedJit:
-    """A jitted function whose arguments `check_inputs` checks before every call, ``lower`` and ``trace``."""
+    """A jitted function whose arguments `check_inputs` checks before every call, ``lower`` and ``trace``.
+
+    ``sampler_options`` reaches jit frozen into sorted ``(name, value)`` pairs, so a dict is a valid static
+    argument and ``{'a': 1, 'b': 2}``, ``{'b': 2, 'a': 1}`` and ``(('a', 1), ('b', 2))`` share one program.
+    """
 
     def __init__(self, jitted: Any):
         self._jitted = jitted
@@ -269,27 +344,28 @@ class _CheckedJit:
         functools.update_wrapper(self, jitted)
         self.__name__ = self.__qualname__ = "sample_fn"
 
-    def _check(self, args: tuple, kwargs: dict) -> None:
+    def _check(self, args: tuple, kwargs: dict) -> dict:
+        """Check the inputs; returns ``kwargs`` with ``sampler_options`` frozen (`freeze_sampler_options`)."""
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as error:
             raise TypeError(f"sample_fn: {error}") from None
         check_inputs(*bound.args, **bound.kwargs)
+        if "sampler_options" in kwargs:
+            kwargs = {**kwargs, "sampler_options": freeze_sampler_options(kwargs["sampler_options"])}
+        return kwargs
 
     def __call__(self, *args, **kwargs):
         """Check the inputs, then run the jitted sampler."""
-        self._check(args, kwargs)
-        return self._jitted(*args, **kwargs)
+        return self._jitted(*args, **self._check(args, kwargs))
 
     def lower(self, *args, **kwargs):
         """Check the inputs, then lower the jitted sampler (``.compile()`` the result)."""
-        self._check(args, kwargs)
-        return self._jitted.lower(*args, **kwargs)
+        return self._jitted.lower(*args, **self._check(args, kwargs))
 
     def trace(self, *args, **kwargs):
         """Check the inputs, then trace the jitted sampler."""
-        self._check(args, kwargs)
-        return self._jitted.trace(*args, **kwargs)
+        return self._jitted.trace(*args, **self._check(args, kwargs))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._jitted, name)

@@ -14,7 +14,7 @@ At low ``t`` all three keep what the image shows; where the word steers,
 ``swapped`` rises towards 1 and ``prompted`` stays above ``empty``. On the
 zero-terminal-SNR ``configs/base.py:f2`` runs the shape word governs large
 shapes from t = 500 up and does nothing to small ones at any ``t``
-(README "Results").
+(docs/experiments.md).
 """
 
 import functools

@@ -48,7 +48,7 @@ _TPU_BLOCK = 128  # the Pallas TPU kernel's tile: keys (and long query sequences
 _CUDNN_KEYS = 8  # cuDNN's unmasked keys are padded to a multiple of this many (its training kernels refuse odd counts)
 # The most logits (float32: 8 MiB) that the einsum implementation materialises at once for unmasked attention. The f=2
 # VAE's mid-block attention (1,024 tokens) trained 1.4x and encoded 2.0x faster tiled at 8 MiB than whole on a
-# 2-core Xeon (README "Results"): tiles that stay in cache instead of a logits array written and read several times.
+# 2-core Xeon (docs/experiments.md): tiles that stay in cache instead of a logits array written and read several times.
 LOGITS_PER_TILE = 1 << 21
 
 

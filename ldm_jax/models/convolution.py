@@ -2,8 +2,8 @@
 
 XLA:CPU computes a convolution's kernel gradient as another convolution
 (batch and feature dimensions swapped), which ran at a fifth of its matmul
-rate on the 2-core CPU of README "Results" and took 21% of configs/base.py's
-stage-2 step. :func:`conv_general_dilated` is a drop-in for lax's (flax's
+rate on a 2-core CPU and took 21% of configs/base.py's
+stage-2 step (docs/experiments.md). :func:`conv_general_dilated` is a drop-in for lax's (flax's
 ``nn.Conv(conv_general_dilated=...)``): for a stride-1 NHWC / HWIO
 convolution with "same" padding of an odd kernel and at least
 :data:`MIN_CHANNELS` input and output channels, its forward pass and input

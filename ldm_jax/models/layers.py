@@ -116,8 +116,8 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU as PyTorch computes it, ``0.5 * x * (1 + erf(x / sqrt(2)))``.
 
     ``jax.nn.gelu(approximate=False)`` uses ``erfc`` instead, which XLA:CPU
-    evaluates 1.56x slower (forward and backward at [16, 64, 256], README
-    "Results"). Its accuracy is torch's: in float32 over [-12, 12] at most
+    evaluates 1.56x slower (forward and backward at [16, 64, 256],
+    docs/experiments.md). Its accuracy is torch's: in float32 over [-12, 12] at most
     1.2e-6 from the exact value (the rounding of ``1 + erf``), relative
     error 4e-6 above x = -2 and 7e-5 above x = -3 (torch: 6e-5), where
     ``erfc``'s stays at 2e-6.

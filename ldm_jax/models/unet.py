@@ -149,7 +149,7 @@ class GEGLU(nn.Module):
     applied as two matmuls on its halves: the backward pass then never
     concatenates the two activation-sized output gradients (only the kernel's
     halves). Those concatenations took 3.4 ms of SD 1.5's 128.5 ms train step
-    on an H200 (README "Results"); the step without them is not yet timed.
+    on an H200 (docs/experiments.md).
     """
     features: int
     dtype: Dtype = jnp.float32

@@ -1,8 +1,12 @@
-"""Training code: so far the on-disk checkpoints of a training workdir and the stage-1 losses.
+"""Training: the two trained stages and what they share.
 
-``checkpoints`` defines the workdir's checkpoint format (params, model configs,
-tokenizer), which the sampler (``python -m ldm_jax.sample --checkpoint
-WORKDIR``) reads on its own and the training loop writes.
-``autoencoder_losses`` holds the autoencoder's generator and discriminator
-losses as pure functions for a jitted train step.
+``autoencoder/`` is stage 1 (the AutoencoderKL with its losses) and
+``diffusion/`` stage 2 (the text-conditioned U-Net), each as ``step`` (pure
+functions), ``state`` (the one builder of its state and step on a device
+mesh) and ``loop`` (the training loop). ``latent_cache`` builds the cache
+between them; ``cpu_step`` runs stage 2's step as concurrent programs on one
+CPU device. Shared: ``run_config`` (the config schema and its checks),
+``train_state`` (state, optimizers, EMA), ``checkpoints`` (the workdir's
+orbax checkpoints, which ``python -m ldm_jax.sample --checkpoint`` reads),
+``metrics``, ``nonfinite``, ``preemption``, ``sources`` and ``compile_cost``.
 """

@@ -10,7 +10,7 @@ from ldm_jax.data import latents
 from ldm_jax.models.vae import AutoencoderKL, scaling_factor
 from ldm_jax.pipeline import abstract_params, load_vae
 from ldm_jax.training import checkpoints
-from ldm_jax.training.autoencoder.loop import stage_dir
+from ldm_jax.training.autoencoder.state import stage_dir
 
 
 def cache_folder(config: Mapping[str, Any], workdir: str) -> str:

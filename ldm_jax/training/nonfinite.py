@@ -5,7 +5,7 @@ when the loss and the gradient norm are finite, and the old one otherwise
 (the step count still advances, so data order and per-step randomness stay
 those of an uninterrupted run). The select is elementwise: XLA:GPU fuses it
 into the optimizer update (no extra pass over the parameters), XLA:CPU runs
-it as one small kernel per array (README "Results"); there is no host round
+it as one small kernel per array (docs/experiments.md); there is no host round
 trip either way. A NaN can therefore never reach the params, the optimizer state
 or the EMA, and so never a checkpoint.
 

@@ -35,7 +35,6 @@ from ldm_jax.data.config import data_config
 from ldm_jax.models.attention import check_attention_impl
 from ldm_jax.models.layers import REMAT_POLICIES
 from ldm_jax.parallel import AXES, MESH_DEFAULTS, check_mesh_config, mesh_shape
-from ldm_jax.training.cpu_step import check_slice_execution
 from ldm_jax.training.diffusion.step import TIMESTEP_SAMPLING
 from ldm_jax.training.nonfinite import POLICIES
 from ldm_jax.training.train_state import OPTIMIZER_DEFAULTS, check_state_layout
@@ -87,10 +86,8 @@ DIFFUSION_DEFAULTS = dict(
     ema_decay=0.9999,        # 0: no EMA
     ema_warmup=True,         # decay min(ema_decay, (1 + step) / (10 + step))
     dtype="float32",         # compute dtype ('bfloat16' on accelerators); params, optimizer state and EMA stay float32
-    batch_slices=0,          # the U-Net's forward and backward passes over this many slices of each device's batch,
-                             # run side by side: 0 = auto (2 on a single CPU device, else 1; diffusion_step.py)
-    slice_execution="auto",  # batch slices as 'concurrent' programs of their own or 'in_program'; 'auto' = concurrent
-                             # on one CPU device (training/concurrent_slices.py)
+    batch_slices=0,          # k > 1: the U-Net's passes over k slices of the batch as concurrent programs, on one CPU
+                             # device only; 0 = auto (2 on a single CPU device, else 1; ldm_jax/training/cpu_step.py)
     remat_policy="none",     # U-Net activation rematerialization: none, full, dots_saveable,
                              # dots_with_no_batch_dims_saveable (ldm_jax/models/layers.py)
     state_layout="auto",     # memory layouts of params, optimizer state and EMA: 'auto' (XLA's pick for the step;
@@ -108,6 +105,11 @@ DIFFUSION_DEFAULTS = dict(
 
 TOP_LEVEL = ("workdir", "seed", "stages", "image_size", "attention_impl", "unet", "vae", "text_encoder", "scheduler",
              "vae_from", "init_from", "data", "mesh", "autoencoder", "latents", "diffusion")
+
+# The run configs in configs/ (the get_config variants that return run_config(...)); configs/tiny.py, sd15.py and
+# sd21.py without ':run' are model configs, configs/data_example.py a data section.
+RUN_CONFIGS = ("configs/base.py", "configs/base.py:quick", "configs/base.py:f4", "configs/tiny.py:run",
+               "configs/vae.py", "configs/vae.py:quick")
 
 
 def _section(name: str, defaults: Mapping[str, Any], values: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
@@ -165,12 +167,21 @@ def stages(config: Mapping[str, Any]) -> list[str]:
 def validate(config: Mapping[str, Any]) -> None:
     """Check what can be checked before building anything; errors name the keys and values involved.
 
-    Raises KeyError for unknown keys, ValueError for values that cannot work
+    Raises ValueError for a config that is not a run config (a model config
+    such as configs/tiny.py without ':run': the message lists `RUN_CONFIGS`),
+    KeyError for unknown keys, ValueError for values that cannot work
     together (image size vs the VAE's factor, latent channels, text widths,
     token lengths, dtypes, step counts, policies). Checks against the devices
     are `check_devices`'s; checks of ``init_from`` / ``vae_from`` paths are
     ``ldm_jax.training.sources.check_sources``'.
     """
+    missing = [key for key in TOP_LEVEL if key not in config]
+    if missing:
+        models = {"unet", "vae", "text_encoder"} <= set(config) and "stages" in missing
+        what = (f"a model config (keys {', '.join(sorted(config))}; no 'stages')" if models else
+                f"not a run config (no {', '.join(map(repr, missing))})")
+        raise ValueError(f"this is {what}; training takes a run config (built by "
+                         f"ldm_jax.training.run_config.run_config): {', '.join(RUN_CONFIGS)}")
     unknown = sorted(set(config) - set(TOP_LEVEL))
     if unknown:
         raise KeyError(f"unknown config key(s) {unknown}; known keys: {sorted(TOP_LEVEL)}")
@@ -215,7 +226,6 @@ def validate(config: Mapping[str, Any]) -> None:
                          f"{d['timestep_sampling']!r}")
     if d["batch_slices"] < 0:
         raise ValueError(f"diffusion.batch_slices must be 0 (auto) or positive, got {d['batch_slices']}")
-    check_slice_execution(d["slice_execution"])
     if not d["timestep_logit_std"] > 0:
         raise ValueError(f"diffusion.timestep_logit_std must be positive, got {d['timestep_logit_std']}")
     if ("diffusion" in stages(config) and d["sample_every"] >= 0 and list(d["sample_prompts"]) == [""]
@@ -253,8 +263,8 @@ def check_devices(config: Mapping[str, Any], device_count: int, process_count: i
 
     Runs before anything is compiled: ``mesh`` must tile ``device_count``
     devices, and every batch size must divide by the data-parallel size
-    (mesh data x fsdp) and by the number of processes, and each device's share of stage 2's batch by
-    ``diffusion.batch_slices``; ``diffusion.slice_execution='concurrent'`` needs one device.
+    (mesh data x fsdp) and by the number of processes; ``diffusion.batch_slices`` > 1 needs one device and
+    must divide stage 2's batch.
     """
     shape = dict(zip(AXES, mesh_shape(dict(config["mesh"]), device_count)))
     parallel_size = shape["data"] * shape["fsdp"]
@@ -265,10 +275,10 @@ def check_devices(config: Mapping[str, Any], device_count: int, process_count: i
         if size % process_count:
             raise ValueError(f"{key} {size} is not divisible by the {process_count} processes")
     slices = config["diffusion"]["batch_slices"]
-    if "diffusion" in stages(config) and slices:
+    if "diffusion" in stages(config) and slices > 1:
         key, size = diffusion_batch(config)
-        if (size // parallel_size) % slices:
-            raise ValueError(f"diffusion.batch_slices {slices} does not divide the {size // parallel_size} examples "
-                             f"each device holds of {key} {size} (data-parallel size {parallel_size})")
-    if "diffusion" in stages(config) and config["diffusion"]["slice_execution"] == "concurrent" and device_count > 1:
-        raise ValueError(f"diffusion.slice_execution='concurrent' runs on one device; this run has {device_count}")
+        if device_count > 1:
+            raise ValueError(f"diffusion.batch_slices {slices} runs the slices as concurrent programs on one CPU "
+                             f"device; this run has {device_count} devices (set it to 0 or 1)")
+        if size % slices:
+            raise ValueError(f"diffusion.batch_slices {slices} does not divide {key} {size}")

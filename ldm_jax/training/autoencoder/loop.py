@@ -5,11 +5,11 @@ Checkpoints go to ``WORKDIR/autoencoder/checkpoints/<step>/`` with the items
 and ``config`` ({'configs': {'vae': ...}, 'scale_factor': ..., 'eval': ...}).
 The scale factor is 1 / std of posterior samples of the first training
 batch under the VAE being saved (LDM's ``scale_by_std``), recomputed at every
-save. A run resumes from the latest checkpoint of its workdir.
+save. A run resumes from the latest checkpoint of its workdir. Everything the
+loop runs (modules, optimizers, the sharded state, the jitted steps, save and
+restore) is built by ``ldm_jax.training.autoencoder.state``.
 """
 
-import functools
-import os
 import time
 from typing import Any, Mapping
 
@@ -20,46 +20,12 @@ from jax.experimental import multihost_utils
 
 from ldm_jax import parallel
 from ldm_jax.data.input_pipeline import make_iterator, report_skipped
-from ldm_jax.models.discriminator import NLayerDiscriminator
-from ldm_jax.models.lpips import LPIPS, params_from_torch
-from ldm_jax.models.vae import AutoencoderKL
-from ldm_jax.training.autoencoder import step as ae_step
 from ldm_jax.training import checkpoints
-from ldm_jax.training.autoencoder.losses import AutoencoderLossConfig, perceptual_weight
+from ldm_jax.training.autoencoder import state as ae_state
+from ldm_jax.training.autoencoder.losses import perceptual_weight
 from ldm_jax.training.metrics import MetricWriter
 from ldm_jax.training.nonfinite import NonFiniteTracker
 from ldm_jax.training.preemption import StopRequest
-from ldm_jax.training.train_state import make_optimizer
-
-LPIPS_FILES = ("vgg16.safetensors", "lpips_vgg_heads.safetensors")
-
-
-def stage_dir(workdir: str) -> str:
-    """The folder of stage 1's checkpoints and metrics inside a run's workdir."""
-    return os.path.join(workdir, "autoencoder")
-
-
-def loss_config(config: Mapping[str, Any]) -> AutoencoderLossConfig:
-    """The static loss config (modules and weights) of a run config."""
-    ae = config["autoencoder"]
-    vae = AutoencoderKL.from_diffusers_config(dict(config["vae"]), attention_impl=config["attention_impl"])
-    discriminator = NLayerDiscriminator(ndf=ae["disc_channels"], n_layers=ae["disc_layers"], norm=ae["disc_norm"])
-    return AutoencoderLossConfig(vae=vae, discriminator=discriminator, lpips=LPIPS(), kl_weight=ae["kl_weight"],
-                                 perceptual_weight=ae["perceptual_weight"], disc_weight=ae["disc_weight"],
-                                 disc_factor=ae["disc_factor"], disc_start=ae["disc_start"],
-                                 sample_posterior=ae["sample_posterior"])
-
-
-def load_lpips(folder: str) -> Any:
-    """LPIPS params from ``folder`` (LPIPS_FILES), or None for ''. FileNotFoundError naming a missing file."""
-    if not folder:
-        return None
-    paths = [os.path.join(folder, name) for name in LPIPS_FILES]
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"autoencoder.lpips={folder!r} lacks {missing}: it needs torchvision's VGG16 state "
-                                f"dict and the lpips package's v0.1 vgg heads, as {LPIPS_FILES}")
-    return params_from_torch(*paths)
 
 
 def evaluate(config: Mapping[str, Any], vae_params: Any, mesh: jax.sharding.Mesh,
@@ -85,17 +51,6 @@ def evaluate(config: Mapping[str, Any], vae_params: Any, mesh: jax.sharding.Mesh
     return {f"eval_{name}": value / max(count, 1) for name, value in totals.items()}
 
 
-def jit_train_step(loss_cfg: AutoencoderLossConfig, optimizers: Mapping[str, Any], mesh: jax.sharding.Mesh,
-                   shardings: Any, adversarial: bool) -> Any:
-    """``step(state, batch, lpips_params, rng) -> (state, metrics)``: the stage-1 step (before ``disc_start``
-    or from it on, per ``adversarial``) jitted with the state's shardings, the batch split over the batch axes,
-    LPIPS params and metrics replicated, the state donated."""
-    replicated = parallel.replicated(mesh)
-    return jax.jit(functools.partial(ae_step.train_step, loss_cfg, optimizers, adversarial=adversarial),
-                   in_shardings=(shardings, parallel.batch_sharding(mesh), replicated, replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=0)
-
-
 def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest | None = None) -> dict[str, float]:
     """Train stage 1 to ``autoencoder.steps`` (resuming from the workdir); returns the final eval metrics.
 
@@ -104,21 +59,17 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest
     ``autoencoder.nan_policy`` says (``ldm_jax.training.nonfinite``).
     """
     ae = config["autoencoder"]
-    folder = stage_dir(workdir)
+    folder = ae_state.stage_dir(workdir)
     mesh = parallel.make_mesh(config["mesh"])
     parallel.check_batch(config["data"]["batch_size"], mesh)
-    loss_cfg = loss_config(config)
-    lpips_params = load_lpips(ae["lpips"])
-    if perceptual_weight(loss_cfg, {"lpips": lpips_params}) == 0.0:
+    stage = ae_state.Stage1.from_config(config)
+    lpips_params = ae_state.load_lpips(ae["lpips"])
+    if perceptual_weight(stage.loss, {"lpips": lpips_params}) == 0.0:
         logging.warning("stage 1: no LPIPS weights configured (autoencoder.lpips=''), so the perceptual loss is "
                         "off; the autoencoder trains on L1 + KL (+ the GAN from disc_start) only")
-    optimizers = {"vae": make_optimizer(ae["optimizer"], ae["steps"]),
-                  "discriminator": make_optimizer(ae["disc_optimizer"], ae["steps"])}
     rng = jax.random.key(config["seed"])
-    image_shape = (config["image_size"], config["image_size"], loss_cfg.vae.in_channels)
-    init = functools.partial(ae_step.init_state, loss_cfg, optimizers, image_shape=image_shape)
-    state, shardings = parallel.sharded_init(init, mesh, jax.random.fold_in(rng, 0),
-                                             rules=parallel.axis_rules(config["mesh"]))
+    state, shardings = ae_state.create_state(stage, mesh, jax.random.fold_in(rng, 0),
+                                             parallel.axis_rules(config["mesh"]))
 
     manager = checkpoints.checkpoint_manager(folder, keep=ae["keep"])
     start = checkpoints.resume_step(manager, "stage 1")
@@ -127,22 +78,15 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest
         return checkpoints.read_config(manager, start)["eval"]
     skips = 0
     if start:
-        params, rest = checkpoints.restore_train_step(
-            manager, start, checkpoints.abstract_like(state.params, shardings.params),
-            checkpoints.abstract_like(_rest(state), _rest(shardings)))
-        state = state.replace(params=params, **rest)
+        state = ae_state.restore_state(manager, start, state, shardings)
         skips = checkpoints.read_config(manager, start).get("nonfinite_skips", 0)
         logging.info("stage 1: resumed from step %d in %s", start, folder)
     tracker = NonFiniteTracker(ae["nan_policy"], stage="stage 1", policy_key="autoencoder.nan_policy",
                                previous=skips)
 
-    replicated = parallel.replicated(mesh)
-    batch_sharding = parallel.batch_sharding(mesh)
-    train = {adversarial: jit_train_step(loss_cfg, optimizers, mesh, shardings, adversarial)  # compiled when first used
-             for adversarial in (False, True)}
-    eval_fn = jax.jit(functools.partial(ae_step.eval_step, loss_cfg),
-                      in_shardings=(shardings.params["vae"], batch_sharding), out_shardings=batch_sharding)
-    std_fn = jax.jit(functools.partial(ae_step.latent_std, loss_cfg.vae), out_shardings=replicated)
+    train = ae_state.jit_train_steps(stage, mesh, shardings)  # by step >= disc_start; compiled when first used
+    eval_fn = ae_state.jit_eval_step(stage, mesh, shardings)
+    std_fn = ae_state.jit_latent_std(stage, mesh)
     first = make_iterator(config["data"], "train", seed=config["seed"])
     first_images = parallel.shard_batch({"image": next(first)["image"]}, mesh)["image"]
     first.close()
@@ -153,11 +97,9 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest
     def save(step: int, eval_metrics: dict[str, float]) -> None:
         skipped = tracker.check(manager.latest_step())
         scale = 1.0 / float(std_fn(state.params["vae"], first_images, jax.random.fold_in(rng, 2)))
-        configs = {"vae": loss_cfg.vae.diffusers_config(scaling_factor=scale,
-                                                        sample_size=config["image_size"])}
-        checkpoints.save_train_step(manager, step, state.params, _rest(state),
-                                    {"configs": configs, "scale_factor": scale, "eval": eval_metrics,
-                                     "nonfinite_skips": skipped})
+        configs = {"vae": stage.loss.vae.diffusers_config(scaling_factor=scale, sample_size=config["image_size"])}
+        ae_state.save_state(manager, step, state, {"configs": configs, "scale_factor": scale, "eval": eval_metrics,
+                                                   "nonfinite_skips": skipped})
         logging.info("stage 1: saved step %d (scale factor %.5f)", step, scale)
 
     iterator = make_iterator(config["data"], "train", seed=config["seed"], start_step=start)
@@ -197,7 +139,3 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest
         writer.flush()
     return eval_metrics
 
-
-def _rest(state: Any) -> dict[str, Any]:
-    """The parts of a TrainState besides its params (saved as the ``state`` item)."""
-    return {"step": state.step, "opt_state": state.opt_state}

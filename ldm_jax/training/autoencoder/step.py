@@ -1,4 +1,4 @@
-"""Stage 1: the autoencoder's train and eval steps (pure functions; the loop jits them with shardings).
+"""Stage 1: the autoencoder's train and eval steps (pure functions; ``state`` jits them with shardings).
 
 One train step updates the autoencoder on the generator loss, then the
 discriminator on the hinge loss of the updated autoencoder's reconstructions,
@@ -16,19 +16,6 @@ from ldm_jax.training.autoencoder import losses
 from ldm_jax.training.nonfinite import is_finite, keep_if_finite
 from ldm_jax.training.train_state import TrainState, global_norm
 
-MODELS = ("vae", "discriminator")
-
-
-def init_state(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[str, optax.GradientTransformation],
-               rng: jax.Array, image_shape: tuple[int, int, int]) -> TrainState:
-    """A fresh state (boxed, logically partitioned params) for images of ``image_shape`` (H, W, C)."""
-    images = jnp.zeros((1, *image_shape), jnp.float32)
-    vae_rng, disc_rng = jax.random.split(rng)
-    params = {"vae": loss_config.vae.init(vae_rng, images)["params"],
-              "discriminator": loss_config.discriminator.init(disc_rng, images)["params"]}
-    opt_state = {name: optimizers[name].init(params[name]) for name in MODELS}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-
 
 def train_step(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[str, optax.GradientTransformation],
                state: TrainState, batch: Mapping[str, jax.Array], lpips_params: Any,
@@ -36,7 +23,7 @@ def train_step(loss_config: losses.AutoencoderLossConfig, optimizers: Mapping[st
     """One update of the autoencoder and then of the discriminator; returns the new state and float32 metrics.
 
     ``adversarial`` (static) is whether the step is at or after
-    ``disc_start``: the loop compiles one step for each side and picks on
+    ``disc_start``: ``state`` jits one step for each side and the loop picks on
     the host. Before ``disc_start`` the adversarial terms are weighted zero,
     so the step leaves the discriminator out rather than computing them:
     the autoencoder's loss is L1 (+ LPIPS) + KL with g_loss and d_weight 0,

@@ -16,42 +16,38 @@ import time
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
 
 from ldm_jax import parallel
-from ldm_jax.data import latents
-from ldm_jax.data import shapes
+from ldm_jax.data import latents, shapes
 from ldm_jax.data.input_pipeline import make_tokenizer
-from ldm_jax.diffusion.sample_fn import Models, sample_fn
+from ldm_jax.diffusion.sample_fn import sample_fn
 from ldm_jax.images import make_grid
 from ldm_jax.models.clip import tokenize
-from ldm_jax.pipeline import Pipeline, build_modules
+from ldm_jax.pipeline import Pipeline
 from ldm_jax.training import checkpoints
 from ldm_jax.training.diffusion import state as diffusion_state
-from ldm_jax.training.cpu_step import resolve_concurrent_slices
-from ldm_jax.training.diffusion.step import DiffusionTask, resolve_batch_slices, task_from_settings
 from ldm_jax.training.latent_cache import cache_folder, ensure_latents
 from ldm_jax.training.metrics import DeferredWriter, MetricWriter
 from ldm_jax.training.nonfinite import NonFiniteTracker
 from ldm_jax.training.preemption import StopRequest
-from ldm_jax.training.train_state import learning_rate_schedule, make_optimizer, OPTIMIZER_DEFAULTS
+from ldm_jax.training.train_state import OPTIMIZER_DEFAULTS, learning_rate_schedule
 
 SAMPLES_PER_GRID = 8
 
 
 @dataclasses.dataclass
-class Stage2:
-    """What the stage-2 loop is built from: modules, configs, the frozen VAE, tokenizer and pretrained params."""
+class Inputs:
+    """What stage 2 trains from besides its config: the model configs, the frozen VAE, the tokenizer and the
+    pretrained params (None: random), and the latent cache's manifest."""
     configs: dict[str, dict]
-    models: Models
-    task: DiffusionTask
     vae: latents.FrozenVAE
     tokenizer: Any
     max_length: int
     pretrained: dict[str, Any] | None
+    manifest: dict[str, Any]
 
 
 def _model_configs(config: Mapping[str, Any], pretrained: Pipeline | None) -> dict[str, dict]:
@@ -61,10 +57,9 @@ def _model_configs(config: Mapping[str, Any], pretrained: Pipeline | None) -> di
             for name in ("unet", "vae", "text_encoder", "scheduler")}
 
 
-def setup(config: Mapping[str, Any], workdir: str, device_batch: int) -> tuple[Stage2, dict[str, Any]]:
-    """Build stage 2's parts for steps whose devices each hold ``device_batch`` examples (building the latent
-    cache first if it is missing); also returns the manifest."""
-    d = config["diffusion"]
+def load_inputs(config: Mapping[str, Any], workdir: str) -> Inputs:
+    """Stage 2's `Inputs`: ``init_from``'s pipeline or the config's models, and the latent cache (built first if
+    it is missing)."""
     pretrained = Pipeline.from_pretrained(config["init_from"]) if config["init_from"] else None
     if pretrained is not None:
         logging.info("stage 2: fine-tuning %s (its models replace the config's unet/vae/text_encoder/scheduler)",
@@ -79,14 +74,20 @@ def setup(config: Mapping[str, Any], workdir: str, device_batch: int) -> tuple[S
         raise ValueError("stage 2 needs token ids: set data.tokenizer (a CLIP tokenizer folder) or init_from a "
                          "pipeline with a tokenizer/ folder")
     max_length = config["data"]["max_length"] or tokenizer.model_max_length
-    modules = build_modules(configs, jnp.dtype(d["dtype"]), attention_impl=config["attention_impl"],
-                            remat_policy=d["remat_policy"])
-    models = Models.create(modules["unet"], modules["vae"], modules["text_encoder"], configs["scheduler"],
-                           manifest["scale_factor"])
-    task = task_from_settings(modules["unet"], modules["text_encoder"], models.scheduler, manifest["scale_factor"], d,
-                              resolve_batch_slices(d["batch_slices"], device_batch))
     params = None if pretrained is None else {n: pretrained.params[n] for n in ("unet", "text_encoder")}
-    return Stage2(configs, models, task, vae, tokenizer, max_length, params), manifest
+    return Inputs(configs, vae, tokenizer, max_length, params, manifest)
+
+
+def setup(config: Mapping[str, Any], workdir: str) -> tuple[Inputs, diffusion_state.Stage2]:
+    """Stage 2's `Inputs` and its parts on the config's mesh (``diffusion_state.build``)."""
+    mesh = parallel.make_mesh(config["mesh"])
+    batch_size = config["diffusion"]["batch_size"] or config["data"]["batch_size"]
+    parallel.check_batch(batch_size, mesh)
+    inputs = load_inputs(config, workdir)
+    stage = diffusion_state.build(inputs.configs, config["diffusion"], mesh, batch_size,
+                                  inputs.manifest["scale_factor"], config["attention_impl"], config["mesh"]["frozen"],
+                                  parallel.axis_rules(config["mesh"]))
+    return inputs, stage
 
 
 def sample_prompts(config: Mapping[str, Any]) -> list[str]:
@@ -108,20 +109,13 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
     ``diffusion.nan_policy`` says (``ldm_jax.training.nonfinite``).
     """
     d = config["diffusion"]
-    mesh = parallel.make_mesh(config["mesh"])
-    batch_size = d["batch_size"] or config["data"]["batch_size"]
-    parallel.check_batch(batch_size, mesh)
-    stage, manifest = setup(config, workdir, batch_size // parallel.data_parallel_size(mesh))
-    concurrent = resolve_concurrent_slices(d["slice_execution"], stage.task.batch_slices)
-    logging.info("stage 2: the U-Net runs on %d slice(s) of each device's batch%s", stage.task.batch_slices,
-                 ", as concurrent programs" if concurrent else "")
-    optimizer = make_optimizer(d["optimizer"], d["steps"])
+    inputs, stage = setup(config, workdir)
+    mesh, batch_size = stage.mesh, d["batch_size"] or config["data"]["batch_size"]
+    logging.info("stage 2: the U-Net runs on %d slice(s) of each device's batch%s", stage.batch_slices,
+                 ", as concurrent programs" if stage.batch_slices > 1 else "")
     schedule = learning_rate_schedule({**OPTIMIZER_DEFAULTS, **d["optimizer"]}, d["steps"])
     rng = jax.random.key(config["seed"])
-    layout, rules = config["mesh"]["frozen"], parallel.axis_rules(config["mesh"])
-    state, frozen, shardings = diffusion_state.create_state(stage.task, stage.configs, optimizer, mesh,
-                                                            jax.random.fold_in(rng, 0), stage.pretrained, layout,
-                                                            rules)
+    state, frozen = stage.init(jax.random.fold_in(rng, 0), inputs.pretrained)
     manager = checkpoints.checkpoint_manager(workdir, keep=d["keep"])
     start = checkpoints.resume_step(manager, "stage 2")
     if start >= d["steps"]:
@@ -129,28 +123,28 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
         return {}
     skips = 0
     if start:
-        state, frozen = diffusion_state.restore_state(manager, start, stage.task, state, frozen, shardings)
+        state, frozen = diffusion_state.restore_state(manager, start, stage.task, state, frozen, stage.shardings)
         skips = checkpoints.read_config(manager, start).get("nonfinite_skips", 0)
         logging.info("stage 2: resumed from step %d in %s", start, workdir)
     tracker = NonFiniteTracker(d["nan_policy"], stage="stage 2", policy_key="diffusion.nan_policy", previous=skips)
 
-    step_fn = diffusion_state.jit_train_step(stage.task, optimizer, mesh, shardings, d["state_layout"], concurrent)
-    compiled = None  # compiled at the first step, which also moves the state into the step's layouts
-    vae_params = jax.device_put(stage.vae.params, latents.vae_shardings(stage.vae.module, mesh, layout, rules))
-    empty = np.asarray(tokenize(stage.tokenizer, [""], stage.max_length), np.int32)
+    step_fn = None  # compiled at the first step, which also moves the state into the step's layouts
+    vae_params = jax.device_put(inputs.vae.params, latents.vae_shardings(inputs.vae.module, mesh, stage.frozen_layout,
+                                                                         stage.rules))
+    empty = np.asarray(tokenize(inputs.tokenizer, [""], inputs.max_length), np.int32)
     if d["sample_every"] >= 0:  # -1: no sample grids
-        cond = np.asarray(tokenize(stage.tokenizer, sample_prompts(config), stage.max_length), np.int32)
-    checkpoints.save_tokenizer(workdir, stage.tokenizer)
+        cond = np.asarray(tokenize(inputs.tokenizer, sample_prompts(config), inputs.max_length), np.int32)
+    checkpoints.save_tokenizer(workdir, inputs.tokenizer)
     writer = MetricWriter(workdir)
     writer.restart_at(start)
     if not start:
-        writer.write(0, {"skipped_images": manifest.get("skipped", {}).get("train", 0)}, prefix="data/")
+        writer.write(0, {"skipped_images": inputs.manifest.get("skipped", {}).get("train", 0)}, prefix="data/")
     # Metrics are written one log interval late (the loop does not wait on the step it just dispatched for them);
     # rates are measured between dispatches, which the device keeps pace with in steady state.
     deferred = DeferredWriter(writer, prefix="train/")
 
     def save(step: int) -> None:
-        saved = {"configs": stage.configs, "scale_factor": stage.models.scale_factor, "vae": stage.vae.reference,
+        saved = {"configs": stage.configs, "scale_factor": stage.models.scale_factor, "vae": inputs.vae.reference,
                  "nonfinite_skips": tracker.check(manager.latest_step())}
         diffusion_state.save_state(manager, step, stage.task, state, frozen, saved, {"vae": vae_params})
 
@@ -180,9 +174,9 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
             batch = {"mean": batch["mean"], "logvar": batch["logvar"], "input_ids": batch["input_ids"],
                      "empty_ids": empty_rows}
             batch = parallel.shard_batch(batch, mesh)
-            if compiled is None:
-                compiled, state = diffusion_state.compile_train_step(step_fn, state, batch, frozen, step_rng)
-            state, metrics = compiled(state, batch, frozen, step_rng)
+            if step_fn is None:
+                step_fn, state = stage.step.compile(state, batch, frozen, step_rng)
+            state, metrics = step_fn(state, batch, frozen, step_rng)
             done = step + 1
             tracker.update(metrics.pop("nonfinite"), done)
             bar.update(1)

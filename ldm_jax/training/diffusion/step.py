@@ -1,4 +1,4 @@
-"""Stage 2: the latent diffusion train step (a pure function; the loop jits it with shardings and donation).
+"""Stage 2: the latent diffusion loss and update (pure functions; ``state.py`` jits them with shardings).
 
 Per step, with ``rng_k = fold_in(rng, step)``: latents ``z0 = z * scale`` (drawn
 from cached posterior moments, or encoded on the fly from images by the
@@ -10,23 +10,10 @@ et al. 2024), ``eps ~ N(0, I)``, ``z_t = add_noise(z0, eps, t)`` and the
 loss ``mean_b w_b * mean |model(z_t, t, text) - target|^2`` with the target
 eps, v or z0 per the schedule's prediction type and ``w_b`` 1 or the
 min-SNR-gamma weight (Hang et al. 2023).
-
-With ``batch_slices`` k > 1 the U-Net runs on k interleaved slices of the
-batch, each its own forward and backward pass in the program (the same
-loss up to float rounding). XLA:CPU runs each convolution on one thread
-and independent kernels side by side, so on a CPU the second slice's
-kernels keep a core busy that one pass over the whole batch leaves idle
-(README "Results": the stage-2 step 1.13x faster on 2 cores, the same on
-one). ``resolve_batch_slices`` picks k for a run. On one CPU device the
-trainer runs the slices as concurrent programs of their own instead
-(``ldm_jax.training.cpu_step``, built from this module's
-`noising_inputs`, `denoising_inputs`, `text_context`, `example_mse` and
-`apply_gradients`).
 """
 
 import dataclasses
-import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -47,8 +34,7 @@ class DiffusionTask:
     ``min_snr_gamma`` 0 means unweighted MSE. ``timestep_sampling`` is
     'uniform' or 'logit_normal' (with ``logit_mean`` and ``logit_std``; see
     ``sample_timesteps``). ``vae`` is only used when batches hold images
-    rather than cached moments. ``batch_slices`` (module docstring) must
-    divide each device's share of the batch.
+    rather than cached moments.
     """
     unet: nn.Module
     text_encoder: nn.Module
@@ -63,7 +49,6 @@ class DiffusionTask:
     timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    batch_slices: int = 1
 
     @property
     def schedule(self) -> sched.NoiseSchedule:
@@ -76,7 +61,7 @@ def loss_weights(schedule: sched.NoiseSchedule, t: jax.Array, gamma: float) -> j
 
     As x0-space weights these are ``min(snr, gamma)``: near zero at high
     noise, where the layout of an image is decided (with v-prediction on
-    configs/base.py this kept position at chance: README "Results"). At a
+    configs/base.py this kept position at chance: docs/experiments.md). At a
     zero terminal SNR (``rescale_betas_zero_snr``) the epsilon weight is its
     limit, 1, not 0 / 0.
     """
@@ -92,60 +77,17 @@ def loss_weights(schedule: sched.NoiseSchedule, t: jax.Array, gamma: float) -> j
 
 
 def task_from_settings(unet: nn.Module, text_encoder: nn.Module, scheduler: tuple[tuple[str, Any], ...],
-                       scale_factor: float, settings: Mapping[str, Any], batch_slices: int = 1) -> DiffusionTask:
-    """The stage-2 task of these modules under a run config's ``diffusion`` section (loss, EMA, timesteps), its
-    U-Net run on ``batch_slices`` slices of the batch (``resolve_batch_slices`` of ``diffusion.batch_slices``)."""
+                       scale_factor: float, settings: Mapping[str, Any]) -> DiffusionTask:
+    """The stage-2 task of these modules under a run config's ``diffusion`` section (loss, EMA, timesteps)."""
     return DiffusionTask(unet=unet, text_encoder=text_encoder, vae=None, scheduler=scheduler,
                          scale_factor=scale_factor, caption_dropout=settings["caption_dropout"],
                          min_snr_gamma=settings["min_snr_gamma"], train_text_encoder=settings["train_text_encoder"],
                          ema_decay=settings["ema_decay"], ema_warmup=settings["ema_warmup"],
                          timestep_sampling=settings["timestep_sampling"], logit_mean=settings["timestep_logit_mean"],
-                         logit_std=settings["timestep_logit_std"], batch_slices=batch_slices)
-
-
-def resolve_batch_slices(requested: int, device_batch: int) -> int:
-    """The number of batch slices for a step whose devices each hold ``device_batch`` examples.
-
-    ``requested`` > 0 is taken as given (ValueError naming ``diffusion.batch_slices`` unless it divides
-    ``device_batch``). 0 means auto: 2 when the run has one device in all, a CPU with at least 2 cores to run
-    on, and ``device_batch`` is even; else 1. Two, not one per core: each slice adds a copy of the U-Net's
-    forward and backward pass to the program, and so to its compile time; on 2 cores 4 slices were no faster
-    than 2 (README "Results"). Several CPU devices already run side by side, on a mesh each slice gathers
-    sharded parameters again, and accelerators run each kernel on the whole chip.
-    """
-    if requested < 0:
-        raise ValueError(f"diffusion.batch_slices must be 0 (auto) or positive, got {requested}")
-    if requested:
-        if device_batch % requested:
-            raise ValueError(f"diffusion.batch_slices {requested} does not divide the {device_batch} examples "
-                             "each device holds of a batch")
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if jax.default_backend() == "cpu" and jax.device_count() == 1 and cores >= 2 and device_batch % 2 == 0:
-        return 2
-    return 1
-
-
-def slice_of(batched: jax.Array, slices: int, index: int) -> jax.Array:
-    """Interleaved slice ``index`` of ``slices`` of a batch: rows index, index + k, index + 2k, ...
-
-    When a batch is split over devices in contiguous blocks whose size ``slices`` divides, every slice is split
-    over the devices the same way, without moving data.
-    """
-    return batched.reshape(batched.shape[0] // slices, slices, *batched.shape[1:])[:, index]
-
-
-def in_slices(fn: Callable[..., jax.Array], slices: int, *batched: jax.Array) -> jax.Array:
-    """``fn(*batched)`` (one value per example, [B]) computed on ``slices`` interleaved slices of the batch
-    (`slice_of`); the results come back in batch order."""
-    if slices == 1:
-        return fn(*batched)
-    parts = [fn(*(slice_of(a, slices, s) for a in batched)) for s in range(slices)]
-    return jnp.stack(parts, axis=1).reshape(-1)
+                         logit_std=settings["timestep_logit_std"])
 
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
-UNET_INPUTS = ("z_t", "t", "context", "target")  # the per-example inputs of `example_mse`, in its order
 
 
 def sample_timesteps(rng: jax.Array, size: int, num_timesteps: int, sampling: str = "uniform",
@@ -190,9 +132,9 @@ def drop_captions(ids: jax.Array, empty_ids: jax.Array, rate: float, rng: jax.Ar
     return jnp.where(drop[:, None], empty_ids, ids)
 
 
-def noising_inputs(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array],
-                   rng: jax.Array) -> dict[str, jax.Array]:
-    """`denoising_inputs` but the context: 'z_t', 't', 'target', the loss 'weight' [B] and the token 'ids' to encode
+def noised_batch(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mapping[str, jax.Array],
+                 rng: jax.Array) -> dict[str, jax.Array]:
+    """One batch noised for training: 'z_t', 't', the 'target', the loss 'weight' [B] and the token 'ids' to encode
     (after caption dropout)."""
     schedule = task.schedule
     latent_rng, drop_rng, t_rng, noise_rng = jax.random.split(rng, 4)
@@ -206,18 +148,17 @@ def noising_inputs(task: DiffusionTask, frozen: Mapping[str, Any], batch: Mappin
             "weight": loss_weights(schedule, t, task.min_snr_gamma), "ids": ids}
 
 
-def denoising_inputs(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
-                     batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
-    """The U-Net's inputs and targets for one batch: 'z_t', 't', 'context', 'target' and the loss 'weight' [B]
-    (and the encoded token 'ids')."""
-    inputs = noising_inputs(task, frozen, batch, rng)
-    text_params = params["text_encoder"] if task.train_text_encoder else frozen["text_encoder"]
-    return {**inputs, "context": text_context(task, text_params, inputs["ids"])}
-
-
-def text_context(task: DiffusionTask, text_params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
+def encode_text(task: DiffusionTask, text_params: Mapping[str, Any], ids: jax.Array) -> jax.Array:
     """The text encoder's last hidden states for token ``ids`` [B, L]: the U-Net's cross-attention context."""
     return task.text_encoder.apply({"params": text_params}, ids)[0]
+
+
+def unet_inputs(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
+                batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+    """`noised_batch` with the encoded captions as 'context' (the trained text encoder's, or the frozen one's)."""
+    noised = noised_batch(task, frozen, batch, rng)
+    text_params = params["text_encoder"] if task.train_text_encoder else frozen["text_encoder"]
+    return {**noised, "context": encode_text(task, text_params, noised["ids"])}
 
 
 def example_mse(task: DiffusionTask, unet_params: Mapping[str, Any], z_t: jax.Array, t: jax.Array,
@@ -230,9 +171,8 @@ def example_mse(task: DiffusionTask, unet_params: Mapping[str, Any], z_t: jax.Ar
 def diffusion_loss(task: DiffusionTask, params: Mapping[str, Any], frozen: Mapping[str, Any],
                    batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted denoising loss of one batch and its metrics (loss, mse, mean weight)."""
-    inputs = denoising_inputs(task, params, frozen, batch, rng)
-    mse = in_slices(lambda *a: example_mse(task, params["unet"], *a), task.batch_slices,
-                    *(inputs[name] for name in UNET_INPUTS))
+    inputs = unet_inputs(task, params, frozen, batch, rng)
+    mse = example_mse(task, params["unet"], inputs["z_t"], inputs["t"], inputs["context"], inputs["target"])
     loss = jnp.mean(inputs["weight"] * mse)
     return loss, {"loss": loss, "mse": jnp.mean(mse), "weight": jnp.mean(inputs["weight"])}
 
@@ -258,9 +198,9 @@ def train_step(task: DiffusionTask, optimizer: optax.GradientTransformation, sta
 
 def apply_gradients(task: DiffusionTask, optimizer: optax.GradientTransformation, state: TrainState,
                     grads: Mapping[str, Any], metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The second half of `train_step`: the optimizer update of ``grads`` (a tree like ``state.params``), the
-    EMA, and the non-finite guard on ``metrics['loss']`` and the gradient norm; returns the new state and
-    ``metrics`` with 'grad_norm' and 'nonfinite' added."""
+    """The update of `train_step`: the optimizer applies ``grads`` (a tree like ``state.params``), the EMA follows,
+    and the non-finite guard on ``metrics['loss']`` and the gradient norm keeps the old state on NaN / Inf;
+    returns the new state and ``metrics`` with 'grad_norm' and 'nonfinite' added."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema

@@ -5,9 +5,9 @@ import os
 
 import diffusers
 
-from tests.refs import clip as clip_refs
-from tests.refs import unet as unet_refs
-from tests.refs import vae as vae_refs
+from ldm_jax.testing import clip as clip_refs
+from ldm_jax.testing import unet as unet_refs
+from ldm_jax.testing import vae as vae_refs
 
 # (U-Net config, CLIP config) of each style; both use VAE_TINY (f = 2) and a 16-token tokenizer.
 STYLES = {"sd1": (unet_refs.SD1_TINY, clip_refs.CLIP_SD1_TINY), "sd2": (unet_refs.SD2_TINY, clip_refs.CLIP_SD2_TINY)}

@@ -1,7 +1,15 @@
-"""Independent PyTorch references (diffusers / transformers) built with random weights.
+"""The PyTorch reference builders used by the tests and the benchmarks.
 
-Each submodule builds one reference model at a tiny config; this package holds
-what they share.
+Independent references (diffusers / transformers / lpips / taming's PatchGAN),
+built with seeded random weights: each submodule builds one reference model
+(``unet``, ``vae``, ``clip`` with a tokenizer made without a download,
+``pipeline``, ``lpips``, ``discriminator``), and this module holds what they
+share (``max_rel_error``, ``numpy_state_dict``, ``perturb_norms``,
+``random_params``).
+
+It needs torch, diffusers and transformers, the ``test`` extra
+(``pip install -e '.[test]'``); nothing else in ``ldm_jax`` imports it, so the
+package itself imports without torch.
 """
 
 import flax.linen as nn

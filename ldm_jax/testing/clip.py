@@ -6,7 +6,7 @@ import os
 import torch
 import transformers
 
-from tests.refs import perturb_norms
+from ldm_jax.testing import perturb_norms
 
 WORDS = ("a", "an", "the", "of", "in", "on", "and", "with", "red", "green", "blue", "small", "big", "circle",
          "square", "triangle", "photo", "painting", "cat", "dog", "house", "tree", "sky", "sun")
