@@ -5,13 +5,15 @@ float32 params, diffusers trains with float32 weights under bfloat16 autocast
 and samples with bfloat16 weights (``--torch-dtype``), as its scripts do.
 Measured, side by side:
 
-* **train**: the stage-2 train step (``ldm_jax.training.diffusion.step
-  .train_step``: posterior sample of cached latents, 10% caption dropout,
-  frozen CLIP, U-Net forward and backward, AdamW with clipping, EMA) at batch
-  16 on 64x64x4 latents; diffusers' equivalent step (train_text_to_image.py's
-  recipe). Step time, images/s, compile time, peak memory, the model's FLOPs
-  (``jaxpr_flops`` of the step traced with plain-XLA attention, no remat)
-  and MFU against the device's peak bf16 FLOP/s (``bench/hardware.py``).
+* **train**: the trainer's own stage-2 step, built by
+  ``ldm_jax.training.diffusion.state.build`` (``bench/stage2.py``: posterior
+  sample of cached latents, 10% caption dropout, frozen CLIP, U-Net forward
+  and backward, AdamW with clipping, EMA) at batch 16 on 64x64x4 latents;
+  diffusers' step doing the same work (``stage2.diffusers_step``:
+  train_text_to_image.py's recipe). Step time, images/s, compile time, peak
+  memory, the model's FLOPs (``jaxpr_flops`` of the step traced with
+  plain-XLA attention, no remat) and MFU against the device's peak bf16
+  FLOP/s (``bench/hardware.py``).
 * **sample**: text to one 512x512 image, 50 DDIM steps, guidance 7.5
   (latency), and a batch of 8 (images/s); ``sample_fn`` vs diffusers'
   ``StableDiffusionPipeline`` (numpy images out on both sides).
@@ -42,7 +44,10 @@ import time
 import traceback
 from typing import Any, Callable
 
-from bench.hardware import jaxpr_flops, peak_flops, utilization
+from bench import stage2
+from bench.common import timed
+from bench.hardware import peak_flops, utilization
+from bench.stage2 import host_random_params, token_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDANCE = 7.5
@@ -71,13 +76,6 @@ def model_configs(module: str) -> dict[str, Any]:
            for key in ("unet", "vae", "text_encoder", "scheduler")}
     out["image_size"] = config["image_size"]
     return out
-
-
-def timed(fn: Callable) -> tuple[float, Any]:
-    """Seconds ``fn()`` takes and its result."""
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 class Parts:
@@ -109,33 +107,19 @@ class Parts:
             json.dump(self.record, f, indent=1)
 
 
-def token_batch(batch: int, length: int, vocab: int, seed: int):
-    """Random token ids [batch, length] (int32): what the text encoder gets costs the same whatever they are."""
-    import numpy as np
-    return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
+def sampling_times(call: Callable, batch: int, size: int, repeats: int) -> dict:
+    """Time ``call`` (``batch`` images [B, size, size, 3] out, checked): a first call, then the median of
+    ``repeats`` calls; with the sampling settings both frameworks use."""
+    first_s, images = timed(call)
+    if images.shape != (batch, size, size, 3):
+        raise ValueError(f"sampling returned {images.shape}, expected {(batch, size, size, 3)}")
+    times = [timed(call)[0] for _ in range(repeats)]
+    seconds = statistics.median(times)
+    return dict(batch=batch, image_size=size, steps=SAMPLE_STEPS, guidance=GUIDANCE, first_s=first_s,
+                seconds=seconds, times=times, images_per_s=batch / seconds)
 
 
 # ------------------------------------------------------------------------------------------------ ldm_jax worker
-
-def host_random_params(module, inputs: tuple, seed: int) -> Any:
-    """Random float32 params of ``module`` as numpy arrays: N(0, 1/fan_in) kernels, scales near 1, the rest
-    small. Drawn on the host (seconds for SD 1.5's billion values): no init program to compile."""
-    import flax.linen as nn
-    import jax
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        x = rng.standard_normal(leaf.shape, dtype=np.float32)
-        name = path[-1].key
-        if name == "kernel":
-            return x / np.float32(np.sqrt(np.prod(leaf.shape[:-1])))
-        return np.float32(name == "scale") + np.float32(0.02) * x
-
-    abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"])
-    return jax.tree_util.tree_map_with_path(draw, abstract)
-
 
 def jax_worker(args) -> None:
     """Measure ldm_jax (train, sample latency, sample throughput) into ``args.out``."""
@@ -155,11 +139,19 @@ def jax_worker(args) -> None:
 
 
 def _memory(compiled) -> dict[str, int]:
-    """XLA's buffer sizes of a compiled program (argument + output - alias + temp: its live bytes at peak)."""
-    memory = compiled.memory_analysis()
-    sizes = {f: int(getattr(memory, f"{f}_size_in_bytes", 0)) for f in ("argument", "output", "alias", "temp")}
-    return dict(xla_memory_bytes=sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"],
-                **{f"xla_{k}_bytes": v for k, v in sizes.items()})
+    """XLA's buffer sizes of a compiled program (``compile_cost.program_cost``), as ``xla_memory_bytes`` (argument
+    + output - alias + temp: its live bytes at peak) and ``xla_{argument,output,alias,temp}_bytes``."""
+    from ldm_jax.training.compile_cost import program_cost
+
+    return {f"xla_{key}": value for key, value in program_cost(compiled).items() if key.endswith("_bytes")}
+
+
+def _step_memory(step) -> dict[str, int]:
+    """`_memory` of a compiled train step (``stage2.step_costs``): ``xla_memory_bytes``, its buffers at peak, and
+    the ``xla_{argument,output,alias,temp}_bytes`` of its programs (for one program, that program's)."""
+    costs = stage2.step_costs(step)
+    return {"xla_memory_bytes": int(costs["memory_bytes"]),
+            **{f"xla_{key}_bytes": int(costs[key]) for key in ("argument", "output", "alias", "temp")}}
 
 
 def _device_peak_bytes() -> int | None:
@@ -169,71 +161,41 @@ def _device_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+def train_settings(compute_dtype: str, remat_policy: str, state_layout: str, batch_slices: int) -> dict:
+    """The stage-2 settings this bench trains with: the trainer's ``DIFFUSION_DEFAULTS`` (AdamW lr 1e-4, weight
+    decay 0.01, clipping at 1.0) in ``compute_dtype`` with these ``remat_policy``, ``state_layout`` and
+    ``batch_slices``, 10% caption dropout and EMA 0.9999."""
+    return stage2.settings(dtype=compute_dtype, remat_policy=remat_policy, state_layout=state_layout,
+                           batch_slices=batch_slices, caption_dropout=CAPTION_DROPOUT, ema_decay=EMA_DECAY,
+                           steps=1000)
+
+
+def train_batch(configs: dict, spec: dict) -> dict:
+    """The host batch both frameworks train on: ``spec['train_batch']`` examples of cached latent moments of
+    ``configs['image_size']`` images and their token ids (``stage2.moments_batch``)."""
+    return stage2.moments_batch(spec["train_batch"], stage2.latent_shape(configs, configs["image_size"]),
+                                configs["text_encoder"])
+
+
+def scale_factor(configs: dict) -> float:
+    """The latents' scale: the VAE config's, else 1.0 (a config whose VAE is trained estimates its own)."""
+    return configs["vae"].get("scaling_factor", 1.0)
+
+
 def prepare_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_layout: str = "auto",
                   compute_dtype: str = "bfloat16", batch_slices: int = 0) -> dict:
-    """ldm_jax's stage-2 train step at ``spec['train_batch']``, jitted as the trainer does (float32 params,
-    ``compute_dtype`` activations, the U-Net on ``resolve_batch_slices(batch_slices, ...)`` slices of the
-    batch), with its inputs on the device.
+    """The trainer's stage-2 step at ``spec['train_batch']`` (``diffusion_state.build`` with `train_settings`,
+    on a mesh of one device: float32 params, ``compute_dtype`` activations, the state's layouts per
+    ``state_layout``, the U-Net on ``cpu_step.resolve_batch_slices(batch_slices, ...)`` slices), with its inputs
+    on the device (``stage2.prepare``).
 
-    Returns ``jitted`` (the step, donating the state, its layouts per
-    ``state_layout``: compile it with ``diffusion_state.compile_train_step``),
-    its ``task`` and ``optimizer``, ``args`` (state, batch, frozen params,
-    rng), the latent ``shape`` and
-    ``flops``: ``jaxpr_flops`` of the same step traced with plain-XLA
-    attention and no remat (a cuDNN attention kernel is opaque to the count;
-    remat would add recomputation)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from ldm_jax.pipeline import build_modules, init_inputs
-    from ldm_jax.training.diffusion import state as diffusion_state
-    from ldm_jax.training.diffusion.step import DiffusionTask, resolve_batch_slices, train_step
-    from ldm_jax.training.run_config import DIFFUSION_DEFAULTS
-    from ldm_jax.training.train_state import TrainState, make_optimizer
-
-    batch_size = spec["train_batch"]
-
-    def task_for(attention_impl: str, remat: str) -> DiffusionTask:
-        modules = build_modules(configs, jnp.dtype(compute_dtype), attention_impl=attention_impl,
-                                remat_policy=remat)
-        return DiffusionTask(unet=modules["unet"], text_encoder=modules["text_encoder"], vae=None,
-                             scheduler=tuple(sorted(configs["scheduler"].items())),
-                             # A config whose VAE has none (it is estimated when the VAE is trained) takes 1.0.
-                             scale_factor=configs["vae"].get("scaling_factor", 1.0), caption_dropout=CAPTION_DROPOUT,
-                             ema_decay=EMA_DECAY,
-                             batch_slices=resolve_batch_slices(batch_slices, batch_size))
-
-    task = task_for(impl, remat_policy)
-    optimizer = make_optimizer(DIFFUSION_DEFAULTS["optimizer"].copy(), 1000)
-    unet = host_random_params(task.unet, init_inputs("unet", configs["unet"]), 0)
-    params = jax.device_put({"unet": unet})
-    ema = jax.device_put({"unet": jax.tree.map(np.copy, unet)})  # the same values in memory of its own (donated)
-    frozen = jax.device_put({"text_encoder": host_random_params(
-        task.text_encoder, init_inputs("text_encoder", configs["text_encoder"]), 1)})
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params),
-                       ema=ema)
-    side = configs["image_size"] // 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    rng = np.random.default_rng(0)
-    length, vocab = configs["text_encoder"]["max_position_embeddings"], configs["text_encoder"]["vocab_size"]
-    shape = (batch_size, side, side, configs["vae"]["latent_channels"])
-    batch = jax.device_put({"mean": rng.standard_normal(shape).astype(np.float32),
-                            "logvar": rng.normal(-4.0, 1.0, shape).astype(np.float32),
-                            "input_ids": token_batch(batch_size, length, vocab, 1),
-                            "empty_ids": token_batch(1, length, vocab, 2)[0]})
-    step_rng = jax.random.key(2)
-
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    state_formats = diffusion_state.state_formats(shardings, state_layout)
-    jitted = jax.jit(functools.partial(train_step, task, optimizer), donate_argnums=0,
-                     in_shardings=(state_formats, *jax.tree.map(lambda x: x.sharding, (batch, frozen, step_rng))),
-                     out_shardings=(state_formats, None))
-    flops = jaxpr_flops(jax.make_jaxpr(functools.partial(train_step, task_for("xla", "none"), optimizer))(
-        state, batch, frozen, step_rng))
-    return dict(jitted=jitted, args=(state, batch, frozen, step_rng), shape=shape, flops=flops, task=task,
-                optimizer=optimizer)
+    Returns ``stage`` (the ``Stage2``; compile its step with ``stage.step.compile(*args)``), ``args`` (state,
+    batch, frozen params, rng), the latent ``shape`` and ``flops``, the model FLOPs of the same step traced
+    with plain-XLA attention and no remat."""
+    batch = train_batch(configs, spec)
+    prepared = stage2.prepare(configs, train_settings(compute_dtype, remat_policy, state_layout, batch_slices),
+                              batch, scale_factor(configs), impl)
+    return dict(prepared, shape=batch["mean"].shape)
 
 
 def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_layout: str) -> dict:
@@ -241,12 +203,10 @@ def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_lay
     import jax
     import numpy as np
 
-    from ldm_jax.training.diffusion.state import compile_train_step
-
     prepared = prepare_train(configs, spec, impl, remat_policy, state_layout)
-    state, batch, frozen, step_rng = prepared["args"]
+    stage, (state, batch, frozen, step_rng) = prepared["stage"], prepared["args"]
     shape, flops, batch_size = prepared["shape"], prepared["flops"], spec["train_batch"]
-    compile_s, (compiled, state) = timed(lambda: compile_train_step(prepared["jitted"], *prepared["args"]))
+    compile_s, (compiled, state) = timed(lambda: stage.step.compile(*prepared["args"]))
 
     def steps(n: int) -> None:
         nonlocal state
@@ -261,10 +221,11 @@ def jax_train(configs: dict, spec: dict, impl: str, remat_policy: str, state_lay
               for _ in range(spec["train_rounds"])]
     step_s = statistics.median(rounds)
     peak = peak_flops(jax.devices()[0].device_kind)
-    return dict(batch=batch_size, latent_shape=list(shape[1:]), compile_s=compile_s, first_step_s=first_s,
-                step_s=step_s, round_step_s=rounds, images_per_s=batch_size / step_s, peak_flops=peak,
+    return dict(batch=batch_size, latent_shape=list(shape[1:]), batch_slices=stage.batch_slices,
+                programs=list(compiled.programs), compile_s=compile_s, first_step_s=first_s, step_s=step_s,
+                round_step_s=rounds, images_per_s=batch_size / step_s, peak_flops=peak,
                 model_flops_per_step=flops, **utilization(flops, step_s, peak),
-                device_peak_bytes=_device_peak_bytes(), **_memory(compiled))
+                device_peak_bytes=_device_peak_bytes(), **_step_memory(compiled))
 
 
 def jax_sample(configs: dict, impl: str, batch: int, repeats: int) -> dict:
@@ -280,7 +241,7 @@ def jax_sample(configs: dict, impl: str, batch: int, repeats: int) -> dict:
     params = jax.device_put({name: host_random_params(modules[name], init_inputs(name, configs[name]), seed)
                              for seed, name in enumerate(("unet", "vae", "text_encoder"))})
     models = Models.create(modules["unet"], modules["vae"], modules["text_encoder"], configs["scheduler"],
-                           configs["vae"]["scaling_factor"])
+                           scale_factor(configs))
     length, vocab = configs["text_encoder"]["max_position_embeddings"], configs["text_encoder"]["vocab_size"]
     cond, uncond = token_batch(batch, length, vocab, 3), token_batch(batch, length, vocab, 4)
     size = configs["image_size"]
@@ -288,14 +249,8 @@ def jax_sample(configs: dict, impl: str, batch: int, repeats: int) -> dict:
     compile_s, compiled = timed(lambda: sample_fn.lower(
         *inputs, models=models, sampler="ddim", steps=SAMPLE_STEPS, guidance_scale=GUIDANCE, height=size,
         width=size).compile())
-    call = lambda: np.asarray(compiled(*inputs))
-    first_s, images = timed(call)
-    if images.shape != (batch, size, size, 3):
-        raise ValueError(f"sample_fn returned {images.shape}, expected {(batch, size, size, 3)}")
-    times = [timed(call)[0] for _ in range(repeats)]
-    seconds = statistics.median(times)
-    return dict(batch=batch, image_size=size, steps=SAMPLE_STEPS, guidance=GUIDANCE, compile_s=compile_s,
-                first_s=first_s, seconds=seconds, times=times, images_per_s=batch / seconds, **_memory(compiled))
+    return dict(compile_s=compile_s, **sampling_times(lambda: np.asarray(compiled(*inputs)), batch, size, repeats),
+                **_memory(compiled))
 
 
 # ---------------------------------------------------------------------------------------------- diffusers worker
@@ -320,21 +275,6 @@ def diffusers_worker(args) -> None:
                                              spec["sample_repeats"]))
 
 
-def _torch_models(configs: dict, device: str, names: tuple[str, ...]) -> dict:
-    """Seeded random diffusers / transformers models, built on ``device``."""
-    import diffusers
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    build = {"unet": lambda: diffusers.UNet2DConditionModel(**configs["unet"]),
-             "vae": lambda: diffusers.AutoencoderKL(**configs["vae"]),
-             "text_encoder": lambda: transformers.CLIPTextModel(
-                 transformers.CLIPTextConfig(**configs["text_encoder"]))}
-    with torch.device(device):
-        return {name: build[name]() for name in names}
-
-
 def _synchronize(device: str) -> None:
     import torch
     if device == "cuda":
@@ -342,48 +282,14 @@ def _synchronize(device: str) -> None:
 
 
 def torch_train(configs: dict, spec: dict, device: str, dtype) -> dict:
-    """Time diffusers' train step: train_text_to_image.py's recipe (bf16 autocast, fused AdamW, clip, EMA)."""
-    import diffusers
+    """Time diffusers' train step (``stage2.diffusers_step``: train_text_to_image.py's recipe with this bench's
+    settings, bf16 autocast, fused AdamW on CUDA, clipping, EMA) on the same batch as ldm_jax's."""
     import torch
-    import torch.nn.functional as F
 
-    models = _torch_models(configs, device, ("unet", "text_encoder"))
-    unet, text_encoder = models["unet"].train(), models["text_encoder"].to(dtype).eval().requires_grad_(False)
-    params = [p for p in unet.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=device == "cuda")
-    ema = [p.detach().clone() for p in params]
-    scheduler = diffusers.DDPMScheduler.from_config(configs["scheduler"])
-    batch_size = spec["train_batch"]
-    side = configs["image_size"] // 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    shape = (batch_size, configs["vae"]["latent_channels"], side, side)
-    generator = torch.Generator(device=device).manual_seed(0)
-    mean = torch.randn(shape, device=device, generator=generator)
-    logvar = torch.randn(shape, device=device, generator=generator) - 4.0
-    length, vocab = configs["text_encoder"]["max_position_embeddings"], configs["text_encoder"]["vocab_size"]
-    ids = torch.from_numpy(token_batch(batch_size, length, vocab, 1)).long().to(device)
-    empty = torch.from_numpy(token_batch(1, length, vocab, 2)).long().to(device)
-    scale = configs["vae"]["scaling_factor"]
-    count = [0]
-
-    def step():
-        drop = torch.rand(batch_size, device=device) < CAPTION_DROPOUT
-        with torch.no_grad():
-            context = text_encoder(torch.where(drop[:, None], empty, ids))[0]
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * scale
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device)
-        with torch.autocast(device_type=device, dtype=dtype):
-            prediction = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(prediction.float(), noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        count[0] += 1
-        decay = min(EMA_DECAY, (1 + count[0]) / (10 + count[0]))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1.0 - decay)
-        return loss
+    batch = train_batch(configs, spec)
+    step = stage2.diffusers_step(configs, train_settings("float32", "none", "auto", 1), batch,
+                                 scale_factor(configs), device, autocast=dtype)
+    batch_size, shape = spec["train_batch"], batch["mean"].shape
 
     def steps(n: int) -> None:
         for _ in range(n):
@@ -400,7 +306,7 @@ def torch_train(configs: dict, spec: dict, device: str, dtype) -> dict:
               for _ in range(spec["train_rounds"])]
     step_s = statistics.median(rounds)
     peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return dict(batch=batch_size, latent_shape=[side, side, shape[1]], first_step_s=first_s, step_s=step_s,
+    return dict(batch=batch_size, latent_shape=list(shape[1:]), first_step_s=first_s, step_s=step_s,
                 round_step_s=rounds, images_per_s=batch_size / step_s, device_peak_bytes=peak_bytes)
 
 
@@ -409,9 +315,9 @@ def torch_sample(configs: dict, device: str, dtype, batch: int, repeats: int) ->
     import diffusers
     import torch
 
-    from tests.refs.clip import make_tokenizer  # a CLIP tokenizer without a download
+    from ldm_jax.testing.clip import make_tokenizer  # a CLIP tokenizer without a download
 
-    models = _torch_models(configs, device, ("unet", "vae", "text_encoder"))
+    models = stage2.diffusers_models(configs, device, ("unet", "vae", "text_encoder"))
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = make_tokenizer(folder, model_max_length=configs["text_encoder"]["max_position_embeddings"])
     pipe = diffusers.StableDiffusionPipeline(
@@ -426,13 +332,7 @@ def torch_sample(configs: dict, device: str, dtype, batch: int, repeats: int) ->
             return pipe(prompts, height=size, width=size, num_inference_steps=SAMPLE_STEPS, guidance_scale=GUIDANCE,
                         output_type="np").images
 
-    first_s, images = timed(call)
-    if images.shape != (batch, size, size, 3):
-        raise ValueError(f"the pipeline returned {images.shape}, expected {(batch, size, size, 3)}")
-    times = [timed(call)[0] for _ in range(repeats)]
-    seconds = statistics.median(times)
-    return dict(batch=batch, image_size=size, steps=SAMPLE_STEPS, guidance=GUIDANCE, first_s=first_s,
-                seconds=seconds, times=times, images_per_s=batch / seconds)
+    return sampling_times(call, batch, size, repeats)
 
 
 # --------------------------------------------------------------------------------------------------- the driver

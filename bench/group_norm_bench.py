@@ -18,13 +18,13 @@ one JSON line.
 
 import argparse
 import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import alternating, relative_difference, timed
 from bench.hardware import load_average, machine, report
 from configs import base as base_config
 from configs import sd15
@@ -85,12 +85,6 @@ def forward_backward(calls: list[dict], implementation):
     return jax.jit(run)
 
 
-def max_relative_difference(a, b) -> float:
-    """The largest |a - b| / max |b| over the leaves of two gradient trees."""
-    return max(float(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)).max()
-                     / jnp.abs(y.astype(jnp.float32)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def main(argv=None) -> dict:
     """Run the benchmark, print the table and the JSON line; returns the JSON record."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -111,24 +105,25 @@ def main(argv=None) -> dict:
                   load_average_start=load_average(), **machine())
     functions, gradients = {}, {}
     for name, implementation in IMPLEMENTATIONS.items():
-        start = time.perf_counter()
-        functions[name] = forward_backward(calls, implementation).lower(*inputs).compile()
-        record[f"{name}_compile_s"] = time.perf_counter() - start
+        record[f"{name}_compile_s"], functions[name] = timed(
+            lambda: forward_backward(calls, implementation).lower(*inputs).compile())
         gradients[name] = jax.block_until_ready(functions[name](*inputs))
-    record["max_relative_gradient_difference"] = max_relative_difference(gradients["hand_written"],
-                                                                         gradients["autodiff"])
+    # Per leaf: the largest of each gradient's own relative difference.
+    record["max_relative_gradient_difference"] = relative_difference(gradients["hand_written"],
+                                                                     gradients["autodiff"], per_leaf=True)
     del gradients
-    rounds = {name: [] for name in IMPLEMENTATIONS}
-    for _ in range(args.rounds):
-        for name, function in functions.items():
-            start = time.perf_counter()
+
+    def round_of(function):
+        def run():
             for _ in range(args.calls_per_round):
                 out = function(*inputs)
             jax.block_until_ready(out)
-            rounds[name].append((time.perf_counter() - start) / args.calls_per_round)
+        return run
+
+    rounds = alternating({name: round_of(function) for name, function in functions.items()}, args.rounds)
     for name in IMPLEMENTATIONS:
-        record[f"{name}_s"] = statistics.median(rounds[name])
-        record[f"{name}_round_s"] = rounds[name]
+        record[f"{name}_round_s"] = [seconds / args.calls_per_round for seconds in rounds[name]]
+        record[f"{name}_s"] = statistics.median(record[f"{name}_round_s"])
     record["speedup"] = record["autodiff_s"] / record["hand_written_s"]
     record["load_average_end"] = load_average()
     print(f"{record['device']}, {args.config} U-Net, batch {args.batch}, {args.dtype}: {len(calls)} GroupNorms "

@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from typing import Callable
 
 import diffusers
@@ -31,13 +30,14 @@ import jax
 import numpy as np
 import torch
 
+from bench.common import alternating, rounded, timed
 from bench.hardware import load_average, machine
 from configs import sd15
 from ldm_jax import Pipeline, sample_fn
 from ldm_jax.models.clip import tokenize
-from tests.refs import clip as clip_refs
-from tests.refs import unet as unet_refs
-from tests.refs import vae as vae_refs
+from ldm_jax.testing import clip as clip_refs
+from ldm_jax.testing import unet as unet_refs
+from ldm_jax.testing import vae as vae_refs
 
 GUIDANCE = 7.5
 PROMPTS = ("a photo of a cat on a mat", "a red circle in the sky", "a painting of a big green tree",
@@ -47,7 +47,7 @@ SCHEDULERS = {"ddim": diffusers.DDIMScheduler, "dpm++2m": diffusers.DPMSolverMul
 _TOKENS = dict(bos_token_id=clip_refs.BOS_ID, eos_token_id=clip_refs.EOS_ID, pad_token_id=clip_refs.EOS_ID)
 
 # Model configs (diffusers / transformers keys) and image size. The tokenizer is the tiny test tokenizer
-# (tests/refs/clip.py) padded to the text encoder's length: no hub download, same token count as SD.
+# (ldm_jax/testing/clip.py) padded to the text encoder's length: no hub download, same token count as SD.
 CONFIGS = {
     # SD 1.x layout scaled down: 3-level U-Net (64, 128, 256) with 2 resnets per level, 24x24x4 latents
     # (576 attention tokens at the top level; SD 1.5 has 4096), f=8 VAE decoding to 192x192, 4-layer
@@ -86,13 +86,6 @@ def build_reference(name: str, folder: str) -> diffusers.StableDiffusionPipeline
     return pipe
 
 
-def timed(fn) -> tuple[float, object]:
-    """Seconds ``fn()`` takes and its result."""
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def ours_runner(pipe: Pipeline, prompts: list[str], latents: np.ndarray, args) -> tuple[float, Callable]:
     """Compile ldm_jax's ``sample_fn`` for this batch; returns (compile seconds, a blocking call giving images)."""
     cond = tokenize(pipe.tokenizer, prompts, pipe.text_encoder.max_position_embeddings)
@@ -129,10 +122,9 @@ def measure(runners: dict[str, Callable], repeats: int) -> dict[str, dict]:
     results = {}
     for name, call in runners.items():
         first_s, images = timed(call)
-        results[name] = dict(first_s=first_s, images=np.asarray(images), times=[])
-    for _ in range(repeats):
-        for name, call in runners.items():
-            results[name]["times"].append(timed(call)[0])
+        results[name] = dict(first_s=first_s, images=np.asarray(images))
+    for name, times in alternating(runners, repeats).items():
+        results[name]["times"] = times
     return results
 
 
@@ -180,9 +172,7 @@ def main(argv=None) -> dict:
         unclipped_fraction=float(np.mean((torch_result["images"] > 0) & (torch_result["images"] < 1))),
         ours_times=jax_result["times"], diffusers_times=torch_result["times"],
         loadavg_start=load_start, loadavg_end=load_average())
-    record = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in record.items()}
-    record["ours_times"] = [round(t, 3) for t in record["ours_times"]]
-    record["diffusers_times"] = [round(t, 3) for t in record["diffusers_times"]]
+    record = rounded(record)
 
     print(f"config {args.config} ({record['image_size']}px), {args.steps} {args.sampler} steps, batch {args.batch}, "
           f"guidance {GUIDANCE}; {info['device']} / {info['cpu']}, {info['cores']} cores "

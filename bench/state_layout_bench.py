@@ -3,10 +3,13 @@ r"""The stage-2 train step with its state in XLA-chosen layouts against row-majo
     python -m bench.state_layout_bench --out layouts.json                   # SD 1.5, batch 16, on the GPU
     python -m bench.state_layout_bench --config tiny --out /tmp/tiny.json   # tiny models on any machine
 
-Builds ``bench/gpu_bench.py``'s train step twice from the same random
-weights, once per ``diffusion.state_layout`` ('default', 'auto'), compiles
-both in this process, checks that their first steps give the same loss and
-parameters, then times them in alternating rounds and reports the median
+Builds the trainer's train step as ``bench/gpu_bench.py`` does
+(``ldm_jax.training.diffusion.state.build``) twice from the same random
+weights, once per ``diffusion.state_layout`` ('default', 'auto'), each as
+one program (batch slices 1: a CPU's concurrent slice programs take the
+default layouts whatever the setting), compiles both in this process,
+checks that their first steps give the same loss and parameters, then times
+them in alternating rounds and reports the median
 step times, their ratio and the MFU of each. It also records how many state
 arrays 'auto' gave a non-row-major layout (and the layout of the largest
 convolution kernel), and that an orbax checkpoint of such a state reads back
@@ -20,6 +23,7 @@ import tempfile
 import time
 
 from bench import gpu_bench
+from bench.common import timed
 from bench.hardware import peak_flops, utilization
 
 LAYOUTS = ("default", "auto")
@@ -62,8 +66,6 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
-    from ldm_jax.training.diffusion.state import compile_train_step
-
     impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
     spec = gpu_bench.SPECS[args.config]
     configs = gpu_bench.model_configs(spec["module"])
@@ -72,13 +74,12 @@ def main(argv=None) -> dict:
                   batch=spec["train_batch"])
     runs = {}
     for layout in LAYOUTS:
-        prepared = gpu_bench.prepare_train(configs, spec, impl, "none", layout)
-        compile_s, (compiled, state) = gpu_bench.timed(lambda: compile_train_step(prepared["jitted"],
-                                                                                  *prepared["args"]))
+        prepared = gpu_bench.prepare_train(configs, spec, impl, "none", layout, batch_slices=1)
+        compile_s, (compiled, state) = timed(lambda: prepared["stage"].step.compile(*prepared["args"]))
         runs[layout] = dict(compiled=compiled, state=state, rest=prepared["args"][1:])
         record[layout] = dict(compile_s=compile_s)
     flops = prepared["flops"]
-    formats = jax.tree.leaves(runs["auto"]["compiled"].input_formats[0][0])
+    formats = jax.tree.leaves(runs["auto"]["compiled"].programs["train_step"].input_formats[0][0])
     record["auto_non_row_major_arrays"] = sum(
         f.layout.major_to_minor != tuple(range(len(f.layout.major_to_minor))) for f in formats)
     record["auto_largest_kernel_layout"] = str(_largest_kernel(runs["auto"]["state"].params).format.layout)

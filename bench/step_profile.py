@@ -4,16 +4,18 @@ r"""Where the stage-2 train step's time goes: its device kernels, summed by kind
     python -m bench.step_profile --config base --out /tmp/base.json     # configs/base.py, batch 16, on a CPU
     python -m bench.step_profile --config tiny --out /tmp/tiny.json     # tiny models on any machine
 
-Compiles the train step of ``bench/gpu_bench.py`` (same models, attention
-kernel, remat policy and state layout; ``--config base`` is configs/base.py's
-models at its stage-2 batch of 16), its batch slices run as the trainer runs
-them (``--slice-execution``, default ``auto``: on one CPU device as
-concurrent programs, ``ldm_jax.training.cpu_step``, else in one
-program), in ``--dtype`` (default bfloat16 on an
-accelerator, float32 on a CPU) with float32 params, runs two warm-up steps and
-three unprofiled rounds of ``--steps`` steps (their median step time, with
-the model FLOPs and MFU as ``gpu_bench`` counts them), then ``--steps``
-steps under ``jax.profiler``, and reports per step:
+Compiles the trainer's own train step as ``bench/gpu_bench.py`` builds it
+(``ldm_jax.training.diffusion.state.build``; same models, attention kernel,
+remat policy and state layout; ``--config base`` is configs/base.py's models
+at its stage-2 batch of 16) on ``--batch-slices`` slices of the batch (default
+0: the trainer's choice, 2 on a single CPU device, else 1; ``k`` > 1 runs the
+step as ``ldm_jax.training.cpu_step``'s concurrent programs, whose kernels are
+profiled together, each read against its own program's HLO), in ``--dtype``
+(default bfloat16 on an accelerator, float32 on a CPU) with float32 params,
+runs two warm-up steps and three unprofiled rounds of ``--steps`` steps
+(their median step time, with the model FLOPs and MFU as ``gpu_bench``
+counts them), then ``--steps`` steps under ``jax.profiler``, and reports per
+step:
 
 * the time of every device kernel (GPU streams; on a CPU, XLA's op events),
   their sum (over all streams or threads, so on a CPU it can exceed the step)
@@ -25,10 +27,11 @@ steps under ``jax.profiler``, and reports per step:
   and the JAX operation it came from (the HLO metadata's ``op_name``,
   whose path names the Flax module).
 
-``--hlo-out FILE.gz`` also writes the optimized HLO. Writes the JSON record
-to ``--out`` and prints a summary. Like the trainer, the command first restarts
-itself with glibc's huge-page malloc tunable where it applies
-(``ldm_jax.host_memory``).
+``--hlo-out FILE.gz`` also writes the optimized HLO of every program. Writes
+the JSON record to ``--out`` and prints a summary. On a CPU, profile as the
+trainer runs best, with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the
+environment: the kernels that first touch a step's temporary buffers pay for
+its page faults, far fewer in huge pages.
 """
 
 import argparse
@@ -106,8 +109,8 @@ def kernel_kind(name: str, instruction: dict | None) -> str:
 
 
 def program_texts(compiled) -> list[str]:
-    """The optimized HLO of each program of a compiled step: its one program's, or a compiled
-    ``ConcurrentSliceStep``'s three."""
+    """The optimized HLO of each program of a compiled step (``step.programs``: a ``JittedStep``'s one, a
+    ``ConcurrentSliceStep``'s three), or of one compiled program."""
     programs = getattr(compiled, "programs", None)
     return [program.as_text() for program in programs.values()] if programs else [compiled.as_text()]
 
@@ -229,8 +232,8 @@ def print_summary(record: dict) -> None:
 def main(argv=None) -> dict:
     """Entry point of ``python -m bench.step_profile``."""
     from bench import gpu_bench
+    from bench.common import timed
     from bench.hardware import peak_flops, utilization
-    from ldm_jax.training.cpu_step import SLICE_EXECUTION
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     specs = {**gpu_bench.SPECS, **EXTRA_CONFIGS}
@@ -244,28 +247,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--top", type=int, default=60, help="kernels listed")
     parser.add_argument("--hlo-out", help="also write the optimized HLO here (gzipped)")
-    parser.add_argument("--slice-execution", choices=SLICE_EXECUTION, default="auto",
-                        help="batch slices as concurrent programs or in one (default: the trainer's choice)")
+    parser.add_argument("--batch-slices", type=int, default=0,
+                        help="slices of the batch, k > 1 as concurrent programs on one CPU device (default 0: the "
+                             "trainer's choice, diffusion.batch_slices)")
     args = parser.parse_args(argv)
 
     import jax
-
-    from ldm_jax.training.cpu_step import ConcurrentSliceStep, resolve_concurrent_slices
-    from ldm_jax.training.diffusion.state import compile_train_step
 
     impl = args.attention_impl or ("cudnn" if jax.default_backend() == "gpu" else "auto")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     spec = specs[args.config]
     prepared = gpu_bench.prepare_train(gpu_bench.model_configs(spec["module"]), spec, impl, args.remat_policy,
-                                       args.state_layout, dtype)
-    slices = prepared["task"].batch_slices
-    concurrent = resolve_concurrent_slices(args.slice_execution, slices)
-    step = ConcurrentSliceStep(prepared["task"], prepared["optimizer"]) if concurrent else prepared["jitted"]
-    compile_s, (compiled, state) = gpu_bench.timed(lambda: compile_train_step(step, *prepared["args"]))
+                                       args.state_layout, dtype, args.batch_slices)
+    stage = prepared["stage"]
+    compile_s, (compiled, state) = timed(lambda: stage.step.compile(*prepared["args"]))
     record = dict(config=args.config, device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__,
                   attention_impl=impl, remat_policy=args.remat_policy, state_layout=args.state_layout,
-                  compute_dtype=dtype, batch=spec["train_batch"], batch_slices=slices, concurrent_slices=concurrent,
-                  compile_s=compile_s,
+                  compute_dtype=dtype, batch=spec["train_batch"], batch_slices=stage.batch_slices,
+                  programs=list(compiled.programs), compile_s=compile_s,
                   **profile_step(compiled, (state, *prepared["args"][1:]), args.steps, args.top))
     record.update(model_flops_per_step=prepared["flops"],
                   **utilization(prepared["flops"], record["timed_step_ms"] / 1e3, peak_flops(record["device_kind"])))
@@ -279,7 +278,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from ldm_jax import host_memory
-
-    host_memory.reexec_with_huge_pages()  # the step as the trainer runs it
     main()

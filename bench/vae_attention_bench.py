@@ -21,12 +21,12 @@ Rounds alternate between the two. Prints the median times, *whole / tiled*
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import alternating, relative_difference
 from bench.hardware import load_average, machine, report
 from configs import base as base_config
 from configs import sd15
@@ -57,13 +57,6 @@ def compiled_functions(vae: AutoencoderKL, params, images: jax.Array, encode_ima
         attention_lib.LOGITS_PER_TILE = shipped
 
 
-def max_relative_difference(a, b) -> float:
-    """max |a - b| over the leaves of two trees, over max |b| over all of them (per leaf, the key projection's bias,
-    whose gradient is zero up to rounding, would dominate)."""
-    largest = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
-    return largest(jax.tree.map(lambda x, y: x - y, a, b)) / largest(b)
-
-
 def main(argv=None) -> dict:
     """Run the benchmark, print the summary and the JSON line; returns the JSON record."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -89,15 +82,16 @@ def main(argv=None) -> dict:
     inputs = dict(train=(params, train_images), encode=(params, encode_images))
     for part, part_inputs in inputs.items():
         outputs = {name: functions[name][part](*part_inputs) for name in VARIANTS}
-        record[f"{part}_max_relative_difference"] = max_relative_difference(outputs["tiled"], outputs["whole"])
-    rounds = {(name, part): [] for name in VARIANTS for part in inputs}
-    for _ in range(args.rounds):
-        for (name, part), times in rounds.items():
-            start = time.perf_counter()
-            jax.block_until_ready(functions[name][part](*inputs[part]))
-            times.append(time.perf_counter() - start)
-    for (name, part), times in rounds.items():
-        record[f"{part}_{name}_s"] = statistics.median(times)
+        # Over all leaves together: per leaf, the key projection's bias, whose gradient is zero up to rounding,
+        # would dominate.
+        record[f"{part}_max_relative_difference"] = relative_difference(outputs["tiled"], outputs["whole"])
+
+    def call(name: str, part: str):
+        return lambda: jax.block_until_ready(functions[name][part](*inputs[part]))
+
+    rounds = alternating({f"{part}_{name}": call(name, part) for name in VARIANTS for part in inputs}, args.rounds)
+    for key, times in rounds.items():
+        record[f"{key}_s"] = statistics.median(times)
     for part in inputs:
         record[f"{part}_speedup"] = record[f"{part}_whole_s"] / record[f"{part}_tiled_s"]
     record["load_average_end"] = load_average()

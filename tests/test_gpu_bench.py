@@ -33,6 +33,7 @@ def test_tiny_run_records_every_part_of_both_frameworks(tmp_path):
     assert train["achieved_flops_per_s"] == pytest.approx(train["model_flops_per_step"] / train["step_s"])
     assert train["peak_flops"] is None and train["mfu"] is None  # a CPU's peak is unknown
     assert train["xla_memory_bytes"] > 0 and ours["device_kind"] == "cpu" and ours["attention_impl"] == "auto"
+    assert train["batch_slices"] == 1 and train["programs"] == ["train_step"]  # conftest.py's 8 fake CPU devices
     assert theirs["train"]["batch"] == 2 and theirs["train"]["step_s"] > 0
     for part, batch in (("sample_latency", 1), ("sample_throughput", 8)):
         for side in (ours, theirs):
@@ -74,7 +75,7 @@ def test_state_layout_bench_and_step_profile_run_at_tiny(tmp_path):
     assert record["compute_dtype"] == "float32" and 0 <= record["idle_ms"] < record["step_ms"]
     assert record["kind_ms"]["convolution"] > 0 and record["kind_ms"]["matmul"] > 0
     assert sum(record["kind_ms"].values()) == pytest.approx(record["kernel_ms"])
-    assert record["concurrent_slices"] is False  # this session's 8 CPU devices
+    assert record["batch_slices"] == 1 and record["programs"] == ["train_step"]  # conftest.py's 8 fake CPU devices
 
     # On one CPU device the trainer's step is its concurrent slice programs: each kernel read from its program.
     result = subprocess.run([sys.executable, "-m", "bench.step_profile", "--config", "tiny", "--out", str(profile),
@@ -82,7 +83,7 @@ def test_state_layout_bench_and_step_profile_run_at_tiny(tmp_path):
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(profile.read_text())
-    assert record["concurrent_slices"] is True and record["batch_slices"] == 2
+    assert record["batch_slices"] == 2 and record["programs"] == ["prepare", "slice_gradients", "update"]
     slice_kernels = [k for k in record["top_kernels"] if k["program"] == "jit__slice_gradients"]
     assert {k["kind"] for k in slice_kernels} >= {"convolution", "matmul"}
     assert all(k["launches"] == 2 for k in slice_kernels)  # one call per slice, every step
