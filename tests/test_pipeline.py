@@ -212,3 +212,11 @@ def test_tokenize_is_exported_at_the_top_level():
     from ldm_jax.models import clip
 
     assert ldm_jax.tokenize is clip.tokenize and "tokenize" in ldm_jax.__all__
+
+
+def test_tokenize_without_a_tokenizer_says_where_to_get_one():
+    """A single-file pipeline has no tokenizer: tokenize names the problem instead of an AttributeError."""
+    from ldm_jax import tokenize
+
+    with pytest.raises(ValueError, match=r"no tokenizer: a single-file checkpoint carries none; .*load_tokenizer"):
+        tokenize(None, ["a red circle"], 77)

@@ -264,8 +264,12 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int | Non
     ``max_length`` defaults to the tokenizer's ``model_max_length`` (pass the
     encoder's ``max_position_embeddings`` when they differ). A longer prompt
     is truncated (keeping its EOS) with a warning naming the prompt, the limit
-    and the dropped text.
+    and the dropped text. A missing tokenizer (a single-file checkpoint has
+    none) is a ValueError saying where to get one.
     """
+    if tokenizer is None:
+        raise ValueError("no tokenizer: a single-file checkpoint carries none; load a CLIP tokenizer folder with "
+                         "ldm_jax.models.clip.load_tokenizer(DIR) (the sample command: --tokenizer DIR)")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     max_length = tokenizer.model_max_length if max_length is None else max_length
     for prompt, ids in zip(prompts, tokenizer(prompts)["input_ids"]):
