@@ -10,7 +10,8 @@ encoder, with sample grids of held-out prompts. Then score prompt following:
 
     python -m ldm_jax.evaluate --checkpoint runs/base
 
-Time and scores on a 2-core CPU, and the evidence for each setting: docs/experiments.md.
+Cost: about 25 minutes on an idle 2-core Intel Xeon, peak RSS 3.4 GiB; scores and the evidence for each
+setting: docs/experiments.md.
 ``configs/base.py:quick`` runs every stage for a few steps on the 512-example build (a smoke test,
 about 3 minutes). ``configs/base.py:f4`` is an f=4 VAE (16x16x4 latents) and SD's schedule, 2.5x
 faster and worse at shapes (workdir runs/base_f4).
