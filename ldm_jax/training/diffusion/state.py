@@ -88,10 +88,12 @@ def state_shardings(task: DiffusionTask, configs: Mapping[str, dict], optimizer:
 
 def create_state(task: DiffusionTask, configs: Mapping[str, dict], optimizer: optax.GradientTransformation,
                  mesh: jax.sharding.Mesh, rng: jax.Array, pretrained: dict[str, Any] | None = None,
-                 frozen_layout: str = "shard", rules: Any = parallel.LOGICAL_AXIS_RULES
+                 frozen_layout: str = "shard", rules: Any = parallel.LOGICAL_AXIS_RULES, shardings: Any = None
                  ) -> tuple[TrainState, dict[str, Any], tuple[TrainState, dict]]:
-    """A train state and frozen params born sharded on ``mesh`` (`state_shardings`), and their shardings."""
-    shardings = state_shardings(task, configs, optimizer, mesh, frozen_layout, rules)
+    """A train state and frozen params born sharded on ``mesh`` (``shardings``, by default `state_shardings`),
+    and their shardings."""
+    if shardings is None:
+        shardings = state_shardings(task, configs, optimizer, mesh, frozen_layout, rules)
     (state, frozen), _ = parallel.sharded_init(functools.partial(init_state, task, configs, optimizer), mesh, rng,
                                                pretrained, shardings=shardings)
     return state, frozen, shardings
@@ -187,7 +189,7 @@ class Stage2:
     def init(self, rng: jax.Array, pretrained: dict[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
         """The state and frozen params born sharded on the mesh: random, or ``pretrained`` (`create_state`)."""
         state, frozen, _ = create_state(self.task, self.configs, self.optimizer, self.mesh, rng, pretrained,
-                                        self.frozen_layout, self.rules)
+                                        shardings=self.shardings)
         return state, frozen
 
     def abstract(self) -> tuple[TrainState, dict[str, Any]]:
