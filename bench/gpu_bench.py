@@ -72,10 +72,8 @@ def model_configs(module: str) -> dict[str, Any]:
     (``SPECS[name]["module"]``, e.g. ``configs.sd15``)."""
     import importlib
     config = importlib.import_module(module).get_config()
-    out = {key: config[key].to_dict() if hasattr(config[key], "to_dict") else dict(config[key])
-           for key in ("unet", "vae", "text_encoder", "scheduler")}
-    out["image_size"] = config["image_size"]
-    return out
+    from ldm_jax.pipeline import model_configs as configs_of
+    return {**configs_of(config), "image_size": config["image_size"]}
 
 
 class Parts:

@@ -45,8 +45,7 @@ from configs import sd15
 from ldm_jax import parallel
 from ldm_jax.data.latents import vae_shardings
 from ldm_jax.models.vae import scaling_factor
-from ldm_jax.pipeline import init_inputs
-from ldm_jax.training.compile_cost import model_configs
+from ldm_jax.pipeline import init_inputs, model_configs
 from ldm_jax.training.diffusion import state as diffusion_state
 
 

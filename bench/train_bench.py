@@ -85,7 +85,7 @@ from bench.hardware import load_average, machine, peak_flops, utilization
 from configs import base as base_config
 from configs import sd15
 from ldm_jax.models.vae import scaling_factor
-from ldm_jax.training.compile_cost import model_configs
+from ldm_jax.pipeline import model_configs
 
 CONFIGS = ("base", "f4", "sd15")
 

@@ -37,6 +37,12 @@ MODEL_INDEX = {
 }
 
 
+def model_configs(config: Any) -> dict[str, dict]:
+    """The config dicts of a ``configs/*.py`` config's models: 'unet', 'vae', 'text_encoder' and 'scheduler'."""
+    return {name: config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
+            for name in COMPONENTS + ("scheduler",)}
+
+
 def build_modules(configs: dict[str, dict], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, *,
                   attention_impl: str = "auto", remat_policy: str = "none") -> dict:
     """The Flax modules described by diffusers/transformers config dicts, keyed by component.
@@ -107,8 +113,7 @@ class Pipeline:
 
         ``attention_impl`` picks the attention kernel of all three models (``ldm_jax.models.attention``).
         """
-        configs = {name: config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
-                   for name in COMPONENTS + ("scheduler",)}
+        configs = model_configs(config)
         modules = build_modules(configs, dtype, param_dtype, attention_impl=attention_impl)
         params = {}
         for name, key in zip(COMPONENTS, jax.random.split(rng, len(COMPONENTS))):

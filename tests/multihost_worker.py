@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from configs import tiny
-from ldm_jax import parallel
+from ldm_jax import parallel, pipeline
 from ldm_jax.diffusion.sample_fn import Models
 from ldm_jax.pipeline import build_modules
 from ldm_jax.training import checkpoints
@@ -38,7 +38,7 @@ def model_configs() -> dict[str, dict]:
     """configs/tiny.py with a one-level U-Net (attention and cross-attention in its middle block only) and a
     one-layer text encoder: fewer ops to compile."""
     config = tiny.get_config()
-    configs = {name: config[name].to_dict() for name in ("unet", "vae", "text_encoder", "scheduler")}
+    configs = pipeline.model_configs(config)
     configs["unet"].update(down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), block_out_channels=(32,))
     configs["text_encoder"]["num_hidden_layers"] = 1
     return configs

@@ -13,9 +13,9 @@ import torch
 from bench import stage2, train_bench
 from configs import base, tiny
 from ldm_jax.models import clip
-from ldm_jax.pipeline import abstract_params
+from ldm_jax.pipeline import abstract_params, model_configs
 from ldm_jax.testing import numpy_state_dict
-from ldm_jax.training.compile_cost import model_configs, program_cost
+from ldm_jax.training.compile_cost import program_cost
 from ldm_jax.training.cpu_step import ConcurrentSliceStep
 from ldm_jax.training.diffusion.step import sample_latents, sample_timesteps
 from ldm_jax.weights import convert

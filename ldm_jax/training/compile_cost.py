@@ -13,12 +13,10 @@ import jax.numpy as jnp
 
 from ldm_jax import parallel
 from ldm_jax.models.vae import scaling_factor
+from ldm_jax.pipeline import model_configs
 from ldm_jax.training.diffusion import state as diffusion_state
 from ldm_jax.training.run_config import DIFFUSION_DEFAULTS
 from ldm_jax.training.train_state import OPTIMIZER_DEFAULTS
-
-MODELS = ("unet", "vae", "text_encoder", "scheduler")
-
 
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The stage-2 settings: a run config's ``diffusion`` section, or the trainer's defaults."""
@@ -26,12 +24,6 @@ def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     settings = {**DIFFUSION_DEFAULTS, **(section.to_dict() if hasattr(section, "to_dict") else section or {})}
     settings["optimizer"] = {**OPTIMIZER_DEFAULTS, **settings["optimizer"]}
     return settings
-
-
-def model_configs(config: Mapping[str, Any]) -> dict[str, dict]:
-    """The config dicts of ``config``'s models ('unet', 'vae', 'text_encoder', 'scheduler')."""
-    return {name: config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
-            for name in MODELS}
 
 
 def build_stage2(config: Mapping[str, Any], mesh_config: Mapping[str, Any], batch: int,

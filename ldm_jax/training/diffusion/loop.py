@@ -26,7 +26,7 @@ from ldm_jax.data.input_pipeline import make_tokenizer
 from ldm_jax.diffusion.sample_fn import sample_fn
 from ldm_jax.images import make_grid
 from ldm_jax.models.clip import tokenize
-from ldm_jax.pipeline import Pipeline
+from ldm_jax.pipeline import Pipeline, model_configs
 from ldm_jax.training import checkpoints
 from ldm_jax.training.diffusion import state as diffusion_state
 from ldm_jax.training.latent_cache import cache_folder, ensure_latents
@@ -53,8 +53,7 @@ class Inputs:
 def _model_configs(config: Mapping[str, Any], pretrained: Pipeline | None) -> dict[str, dict]:
     if pretrained is not None:
         return {name: dict(value) for name, value in pretrained.configs.items()}
-    return {name: config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
-            for name in ("unet", "vae", "text_encoder", "scheduler")}
+    return model_configs(config)
 
 
 def load_inputs(config: Mapping[str, Any], workdir: str) -> Inputs:

@@ -100,12 +100,13 @@ def create_state(task: DiffusionTask, configs: Mapping[str, dict], optimizer: op
 
 
 def abstract_state(task: DiffusionTask, configs: Mapping[str, dict], optimizer: optax.GradientTransformation,
-                   mesh: jax.sharding.Mesh, frozen_layout: str = "shard",
-                   rules: Any = parallel.LOGICAL_AXIS_RULES) -> tuple[TrainState, dict[str, Any]]:
-    """(state, frozen) as ``ShapeDtypeStruct``s placed on their shardings (`state_shardings`): nothing is
-    allocated."""
-    shapes = nn.meta.unbox(_boxed_shapes(task, configs, optimizer))
-    return checkpoints.abstract_like(shapes, state_shardings(task, configs, optimizer, mesh, frozen_layout, rules))
+                   mesh: jax.sharding.Mesh, frozen_layout: str = "shard", rules: Any = parallel.LOGICAL_AXIS_RULES,
+                   shardings: Any = None) -> tuple[TrainState, dict[str, Any]]:
+    """(state, frozen) as ``ShapeDtypeStruct``s placed on ``shardings`` (by default `state_shardings`): nothing
+    is allocated."""
+    if shardings is None:
+        shardings = state_shardings(task, configs, optimizer, mesh, frozen_layout, rules)
+    return checkpoints.abstract_like(nn.meta.unbox(_boxed_shapes(task, configs, optimizer)), shardings)
 
 
 def state_formats(shardings: Any, state_layout: str) -> Any:
@@ -194,7 +195,7 @@ class Stage2:
 
     def abstract(self) -> tuple[TrainState, dict[str, Any]]:
         """(state, frozen) as ``ShapeDtypeStruct``s on their shardings (`abstract_state`)."""
-        return abstract_state(self.task, self.configs, self.optimizer, self.mesh, self.frozen_layout, self.rules)
+        return abstract_state(self.task, self.configs, self.optimizer, self.mesh, shardings=self.shardings)
 
 
 def build(configs: Mapping[str, dict], settings: Mapping[str, Any], mesh: jax.sharding.Mesh, global_batch: int,
