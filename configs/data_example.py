@@ -4,7 +4,10 @@ Variants: ``configs/data_example.py:shapes`` (default: the built-in ldm_shapes
 dataset, 20k/1k examples generated into ~/tensorflow_datasets on first use in
 about 30 s on 2 CPU cores, with its own 589-token CLIP vocabulary), ``:tiny``
 (its 512/128 build, about 1 s), ``:tfds`` (a TFDS dataset captioned by class
-name) and ``:folder`` (an image folder with captions). Read one batch:
+name) and ``:folder`` (a flat image folder: its images, in subfolders too,
+captioned by a ``captions.jsonl`` or a ``.txt`` beside each image; stage 1
+evaluates on the same images; with ``--config.data.split=train`` the
+subfolders ``train/`` and ``test/`` are the splits instead). Read one batch:
 
   python -c "from configs import data_example; from ldm_jax.data.input_pipeline import make_iterator; \
 b = next(make_iterator(data_example.get_config('tiny').data)); print(b['image'].shape, b['caption'][0])"

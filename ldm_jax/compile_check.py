@@ -28,7 +28,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ldm_jax import parallel
+from ldm_jax import cli, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model or run config file (configs/*.py[:variant]).")
 _MESH = flags.DEFINE_string("mesh", None, "Mesh sizes, e.g. 'data=1,fsdp=8,tensor=1' (default: the config's "
@@ -97,4 +97,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("ldm_jax.compile_check", config_flag="config"))

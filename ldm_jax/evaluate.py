@@ -16,7 +16,10 @@ scores unconditional samples (guidance 1.0, empty prompts, same seeds)
 against the same captions; as ceilings, the checker on the real test images
 and on their reconstructions by the checkpoint's VAE (posterior mean, encoded
 and decoded: no latent model can generate what its VAE cannot reproduce).
-Prints a table and writes ``WORKDIR/eval_step_<step>.json``.
+Prints a table and writes ``WORKDIR/eval_step_<step>.json`` (or ``--out``).
+The checker reads only ldm_shapes images: a workdir whose latent cache
+(``WORKDIR/latents/manifest.json``) was made from other data is refused, and
+one without a cache gets a warning.
 
 ``--strength S`` below 1 starts every sample (conditional and unconditional)
 from its real test image instead of from noise: img2img, the image noised to
@@ -29,19 +32,24 @@ each of ``--steering_timesteps`` (``ldm_jax.evaluation.word_steering``:
 one-step predictions from the real test images noised to t, under their own
 caption, a caption with another shape word, and the empty prompt); the report
 is ``eval_step_<step>_steering.json``.
+
+Every setting that differs from its default is part of the report's name
+(e.g. ``eval_step_3000_guidance_7.5_sampler_euler.json``), so a run with other
+settings never overwrites an earlier report; the same settings give the same
+report and name.
 """
 
 import json
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 
-from ldm_jax.data import shapes
+from ldm_jax import cli
+from ldm_jax.data import latents, shapes
 from ldm_jax.diffusion.sample_fn import sample_fn
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.evaluation import shapes_checker, word_steering
@@ -68,13 +76,54 @@ _EMA = flags.DEFINE_bool("ema", True, "Use the EMA U-Net params when the checkpo
 _STEERING = flags.DEFINE_bool("steering", False, "Measure how far the shape word steers one-step predictions instead.")
 _STEERING_TIMESTEPS = flags.DEFINE_list("steering_timesteps", [str(t) for t in range(100, 1000, 100)],
                                         "Noise levels of --steering.")
-flags.register_validator("guidance", math.isfinite, message="--guidance must be a finite number")
+_OUT = flags.DEFINE_string("out", None, "Where to write the JSON report (default: WORKDIR/eval_step_<step>[_<settings "
+                           "that differ from the defaults>].json).")
+flags.register_validator("guidance", lambda value: math.isfinite(value) and value >= 0,
+                         message="--guidance must be a finite number >= 0 (0: unconditional, 1: no guidance)")
 flags.register_validator("steering_timesteps", lambda values: all(v.strip().lstrip("-").isdigit() for v in values),
                          message="--steering_timesteps must be integers")
 
 
+PROGRAM = "ldm_jax.evaluate"
+# The flags that change a report (besides the step), in the order they appear in its name.
+SETTINGS = {"sample": ("count", "batch", "sampler", "steps", "guidance", "strength", "seed", "ema"),
+            "steering": ("count", "batch", "guidance", "seed", "ema", "steering_timesteps")}
+
+
 class InputError(ValueError):
     """Bad input found after the flags were parsed: reported as one line on stderr, exit status 1."""
+
+
+def report_path(workdir: str, step: int) -> str:
+    """--out, or ``WORKDIR/eval_step_<step>[_steering][_<name>_<value> ...].json`` naming every setting that
+    differs from its default."""
+    if _OUT.value:
+        return _OUT.value
+    name = f"eval_step_{step}" + ("_steering" if _STEERING.value else "")
+    for setting in SETTINGS["steering" if _STEERING.value else "sample"]:
+        flag = flags.FLAGS[setting]
+        if flag.value != flag.default:
+            value = "-".join(flag.value) if isinstance(flag.value, list) else flag.value
+            name += f"_{setting}_{value:g}" if isinstance(value, float) else f"_{setting}_{value}"
+    return str(epath.Path(workdir) / f"{name}.json")
+
+
+def check_trained_on_shapes(workdir: str) -> None:
+    """InputError when the workdir's latent cache was made from other data than ldm_shapes, whose images are all
+    the checker can read; a warning when the workdir has no cache to tell."""
+    manifest = epath.Path(workdir) / "latents" / latents.MANIFEST
+    if not manifest.exists():
+        if not epath.Path(workdir).exists():
+            return  # nothing to tell: loading the checkpoint says the workdir is missing
+        logging.warning("%s has no latent cache manifest to tell what data the model was trained on; the checker "
+                        "reads only ldm_shapes images, so scores of a model trained on other data mean nothing",
+                        workdir)
+        return
+    data = json.loads(manifest.read_text())["data"]
+    if data["source"] != "shapes":
+        raise InputError(f"{workdir} was trained on data.source {data['source']!r} ({data['name'] or data['data_dir']}"
+                         f"); evaluate's checker reads only images of the built-in ldm_shapes data (one shape of a "
+                         "known colour, size and position), so it cannot score this model")
 
 
 def load(workdir: str, step: int | None):
@@ -210,28 +259,27 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Entry point of ``python -m ldm_jax.evaluate``: a missing or unusable checkpoint is one line on stderr."""
+    """Entry point of ``python -m ldm_jax.evaluate``: a missing or unusable checkpoint, data other than
+    ldm_shapes and an output path that cannot be written are one line on stderr, before any sampling."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(PROGRAM, f"unexpected arguments {argv[1:]}")
+    workdir = _CHECKPOINT.value
     try:
-        if _STEERING.value:
-            report = evaluate_steering(_CHECKPOINT.value, _STEP.value)
-        else:
-            report = evaluate(_CHECKPOINT.value, _STEP.value)
-    except (FileNotFoundError, WeightsMismatchError, InputError) as error:
-        sys.exit(f"ldm_jax.evaluate: error: {error}")
+        check_trained_on_shapes(workdir)
+        step = checkpoints.resolve_step(workdir, _STEP.value)
+        path = report_path(workdir, step)
+        cli.check_output_file(path, "--out" if _OUT.value else "the report")
+        report = evaluate_steering(workdir, step) if _STEERING.value else evaluate(workdir, step)
+    except (FileNotFoundError, WeightsMismatchError, ValueError) as error:
+        cli.fail(PROGRAM, error)
     if _STEERING.value:
         print_steering(report)
-        suffix = "_steering"
     else:
         print_table(report)
-        suffix = "" if report["strength"] == 1.0 else f"_strength_{report['strength']:g}"
-    path = os.path.join(_CHECKPOINT.value, f"eval_step_{report['step']}{suffix}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    epath.Path(path).write_text(json.dumps(report, indent=1))
     logging.info("wrote %s", path)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("checkpoint")
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(PROGRAM))

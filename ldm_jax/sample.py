@@ -1,4 +1,4 @@
-r"""Text to a PNG grid of images with a pretrained pipeline or a training checkpoint.
+r"""Text to a grid of images (its format from the suffix of --out) with a pretrained pipeline or a checkpoint.
 
   python -m ldm_jax.sample --pretrained DIR --prompt "a photo of a cat" --out grid.png
   python -m ldm_jax.sample --checkpoint WORKDIR [--step N] --prompt "..." [--negative-prompt ""]
@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from absl import app, flags, logging
+from etils import epath
 
+from ldm_jax import cli
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.diffusion.sample_fn import sample_fn
 from ldm_jax.images import make_grid
@@ -51,8 +53,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 _ATTENTION = flags.DEFINE_enum("attention-impl", "auto", list(ATTENTION_IMPLS),
                                "The attention kernel (ldm_jax/models/attention.py): cudnn on NVIDIA GPUs, pallas_tpu "
                                "on TPUs.")
-_OUT = flags.DEFINE_string("out", "grid.png", "Where to write the PNG grid.")
-flags.register_validator("guidance", math.isfinite, message="--guidance must be a finite number")
+_OUT = flags.DEFINE_string("out", "grid.png", "Where to write the grid; its suffix picks the format (.png, .jpg, ...).")
+flags.register_validator("guidance", lambda value: math.isfinite(value) and value >= 0,
+                         message="--guidance must be a finite number >= 0 (0: unconditional, 1: no guidance)")
 flags.register_multi_flags_validator(
     ["pretrained", "checkpoint"], lambda values: (values["pretrained"] is None) != (values["checkpoint"] is None),
     message="give exactly one of --pretrained DIR or --checkpoint WORKDIR")
@@ -62,12 +65,9 @@ class InputError(Exception):
     """Bad input: reported as one line on stderr, exit status 1."""
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parse ``argv`` into the flags; a bad flag exits with a one-line message instead of the usage text."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"ldm_jax.sample: error: {error}")
+PROGRAM = "ldm_jax.sample"
+# Parses ``argv`` into the flags: --help exits 0, a bad flag exits with one line instead of the usage text.
+parse_flags = cli.flags_parser(PROGRAM)
 
 
 @contextlib.contextmanager
@@ -140,19 +140,26 @@ def generate(pipe: Pipeline, cond: np.ndarray, uncond: np.ndarray, height: int, 
         return np.asarray(jax.block_until_ready(compiled(*args)))
 
 
+def check_out(path: str) -> str:
+    """The image format of --out ``path``; InputError unless it is a writable file name with an image suffix."""
+    if epath.Path(path).is_dir():
+        raise InputError(f"--out {path} is a folder: give the PNG file to write, e.g. {epath.Path(path) / 'grid.png'}")
+    image_format = cli.image_format(path, "--out")
+    cli.check_writable_folder(str(epath.Path(path).parent), f"--out {path}: its folder")
+    return image_format
+
+
 def run() -> str:
     """Load, tokenize, sample and write the grid as the flags say; returns the path written."""
-    if os.path.isdir(_OUT.value):
-        raise InputError(f"--out {_OUT.value} is a folder: give the PNG file to write, e.g. "
-                         f"{os.path.join(_OUT.value, 'grid.png')}")
+    image_format = check_out(_OUT.value)  # before loading and compiling: a bad path fails in the first second
     with progress(f"loading {_PRETRAINED.value or _CHECKPOINT.value}"):
         pipe = load()
     cond = token_ids(pipe, _PROMPT.value, _NUM_IMAGES.value)
     uncond = token_ids(pipe, _NEGATIVE_PROMPT.value, _NUM_IMAGES.value)
     images = generate(pipe, cond, uncond, *image_size(pipe))
     with progress(f"saving {_OUT.value}"):
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        make_grid(images).save(_OUT.value, format="PNG")
+        with epath.Path(_OUT.value).open("wb") as f:
+            make_grid(images).save(f, format=image_format)
     return _OUT.value
 
 
@@ -170,13 +177,13 @@ def quiet_logs() -> None:
 def main(argv: list[str]) -> None:
     """Entry point under ``absl.app.run``: bad input exits with one line on stderr, no traceback."""
     if len(argv) > 1:
-        sys.exit(f"ldm_jax.sample: error: unexpected arguments {argv[1:]}")
+        cli.fail(PROGRAM, f"unexpected arguments {argv[1:]}")
     quiet_logs()
     jax.config.update("jax_threefry_partitionable", True)
     try:
         path = run()
     except (InputError, OSError, ValueError) as error:
-        sys.exit(f"ldm_jax.sample: error: {error}")
+        cli.fail(PROGRAM, error)
     print(f"wrote {path}")
 
 

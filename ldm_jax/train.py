@@ -10,31 +10,29 @@ complete checkpoint. On SIGTERM the running stage saves the step it is at and
 the command exits 0 without starting the next stage
 (``ldm_jax.training.preemption``). The config, the batch sizes against the
 devices and the ``init_from`` / ``vae_from`` paths are checked before anything
-is compiled. Multi-host runs start JAX's distributed runtime first (see
+is compiled; before those, in the first second, the config file, its
+overrides and the workdir (a folder this process can write, created if
+missing) are checked, each problem one line on stderr. Multi-host runs start JAX's distributed runtime first (see
 ``ldm_jax.parallel.initialize_distributed``).
 """
-
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import parallel
+from ldm_jax import cli, parallel
 from ldm_jax.training import run_config
-from ldm_jax.training.autoencoder.loop import train_autoencoder
-from ldm_jax.training.diffusion.loop import train_diffusion
-from ldm_jax.training.latent_cache import ensure_latents
 from ldm_jax.training.preemption import StopRequest
-from ldm_jax.training.sources import check_sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: the config's workdir.")
+PROGRAM = "ldm_jax.train"
 
 
 def check(config) -> None:
     """Every check that needs no compiled program: the config, batch sizes vs devices, init_from / vae_from."""
+    from ldm_jax.training.sources import check_sources  # with the stages' imports: see `run`
     run_config.validate(config)
     run_config.check_devices(config, jax.device_count(), jax.process_count())
     check_sources(config)
@@ -42,6 +40,10 @@ def check(config) -> None:
 
 def run(config, workdir: str) -> None:
     """Run the config's stages in ``workdir``; on SIGTERM, stop after checkpointing the current step."""
+    # Imported here: the stages pull in TensorFlow and orbax (seconds), which --help and the first checks do not need.
+    from ldm_jax.training.autoencoder.loop import train_autoencoder
+    from ldm_jax.training.diffusion.loop import train_diffusion
+    from ldm_jax.training.latent_cache import ensure_latents
     check(config)
     with StopRequest() as stop:
         for stage in run_config.stages(config):
@@ -58,22 +60,34 @@ def run(config, workdir: str) -> None:
                 return
 
 
+def check_paths(config, workdir: str) -> None:
+    """ValueError naming the path unless the workdir (and a separate latent cache folder) can be written."""
+    cli.check_writable_folder(workdir, "--workdir" if _WORKDIR.value else "workdir")
+    if config.latents.dir:
+        cli.check_writable_folder(config.latents.dir, "latents.dir")
+
+
 def main(argv: list[str]) -> None:
     """Entry point of ``python -m ldm_jax.train``."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(PROGRAM, f"unexpected arguments {argv[1:]}")
     config = _CONFIG.value
-    try:  # a config that cannot run (e.g. a model config) is one line on stderr, before any device is touched
-        run_config.validate(config)
-    except (KeyError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        sys.exit(f"ldm_jax.train: error: --config {config_flags.get_config_filename(flags.FLAGS['config'])}: "
-                 f"{message}")
+    cli.check_run_config(PROGRAM, config)  # before any device is touched
+    workdir = _WORKDIR.value or config.workdir
+    try:
+        check_paths(config, workdir)
+    except ValueError as error:
+        cli.fail(PROGRAM, error)
     jax.config.update("jax_threefry_partitionable", True)
     parallel.initialize_distributed()
-    run(config, _WORKDIR.value or config.workdir)
+    from ldm_jax.data.latents import CacheDamagedError  # with the stages' imports: see `run`
+    from ldm_jax.training.damage import DamagedCheckpointError
+    try:
+        run(config, workdir)
+    except (CacheDamagedError, DamagedCheckpointError) as error:  # damaged inputs of a stage: vae_from, the cache
+        cli.fail(PROGRAM, error)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(PROGRAM, config_flag="config"))

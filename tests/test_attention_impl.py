@@ -154,10 +154,11 @@ def test_pallas_tpu_kernel_values_and_gradients_match_einsum_in_interpret_mode()
     with pltpu.force_tpu_interpret_mode():
         value, grads = jax.value_and_grad(loss(pallas_tpu_attention), argnums=(0, 1, 2))(q, k, v)
     expected_value, expected = jax.value_and_grad(loss(einsum_attention), argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-5)
+    # measured: value 2.5e-7 relative, gradients 5.4e-7 absolute
+    np.testing.assert_allclose(float(value), float(expected_value), rtol=3e-6)
     for got, want in zip(grads, expected):
         assert got.shape == want.shape
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=5e-6)
 
 
 @pytest.mark.parametrize("logits_per_tile", [2 * 64 * 64, 64 * 16, 64])

@@ -207,7 +207,7 @@ def test_train_and_encode_latents_commands(shapes_dir, tmp_path):
     assert result.returncode == 0 and "latent cache ready: {'train': 512}" in result.stderr, result.stderr[-2000:]
     typo = subprocess.run([sys.executable, "-m", "ldm_jax.train", *args, "--config.autoencoder.step=3"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert typo.returncode != 0 and 'Did you mean "steps" instead of "step"?' in typo.stderr
+    assert typo.returncode != 0 and "autoencoder has no key 'step'; did you mean autoencoder.steps?" in typo.stderr
 
 
 @pytest.mark.slow  # two stage-1 runs, ~100 s (CI time budget): run with -m slow

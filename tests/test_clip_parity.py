@@ -26,7 +26,8 @@ PAD_TOKENS = {"sd1": ref_clip.EOS, "sd2": "!"}
 EOS_RULES = {"tokenizer": ref_clip.EOS_ID, "legacy": clip.LEGACY_EOS_TOKEN_ID}
 PROMPTS = ["a red circle", "A photo of a cat, in the sky!", "", "xyz 42 qq"]
 LENGTH = 16
-TOL = 1e-4
+# float32 max_rel_error measured on a 2-core AMD EPYC: at most 6.0e-7 (last hidden state), 4.2e-7 (pooled).
+TOL = 1e-5
 # bf16 compute (float32 params) against float32 torch, measured: max_rel_error 0.0095 (sd1), 0.0088 (sd2).
 BF16_TOL = 3e-2
 

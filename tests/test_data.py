@@ -6,6 +6,7 @@ images written with PIL. The tiny shapes build (512 train / 128 test) is
 shared by the module.
 """
 
+import importlib.util
 import io
 import json
 import os
@@ -372,6 +373,76 @@ def test_random_crop_and_flip_are_seeded_windows():
 
 
 # --------------------------------------------------------------------------------------------------- configs
+
+
+# ------------------------------------------------------------------- the layouts of configs/data_example.py, as written
+
+DATA_EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "data_example.py")
+
+
+def _example(variant: str, **paths) -> dict:
+    """Variant ``variant`` of configs/data_example.py, loaded from the file as ``--config FILE:variant`` loads it
+    (``get_config(variant)`` of the file executed as a module); only the ``paths`` (data_dir, tokenizer, split
+    folder) are changed."""
+    spec = importlib.util.spec_from_file_location("data_example_file", DATA_EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return data_config(module.get_config(variant).data, **paths)
+
+
+def _captioned_images(folder, names: list[str], jsonl: bool) -> dict[str, str]:
+    """Images ``names`` under ``folder``, captioned by a captions.jsonl or by a .txt beside each; {caption: name}."""
+    captions = {f"a small red circle number {i}": name for i, name in enumerate(names)}
+    for caption, name in captions.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        _write_image(folder / name, size=(48, 36))
+        if not jsonl:
+            (folder / name).with_suffix(".txt").write_text(caption)
+    if jsonl:
+        (folder / "captions.jsonl").write_text("".join(json.dumps({"file": name, "caption": caption}) + "\n"
+                                                       for caption, name in captions.items()))
+    return captions
+
+
+def _captions_read(data, split: str) -> list[str]:
+    """Every caption of one pass over ``split``, in index order, after checking the images' shape."""
+    batches = list(make_iterator(data, split, num_epochs=1, shuffle=False))
+    for batch in batches:
+        assert batch["image"].shape[1:] == (data.image_size, data.image_size, 3)
+        assert batch["input_ids"].shape[1] == 16
+    return [c.decode() for batch in batches for c in batch["caption"]]
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["txt captions", "captions.jsonl"])
+def test_folder_example_reads_a_flat_folder_for_every_split(tmp_path, tokenizer_dir, jsonl):
+    """``:folder`` (split ''): the folder itself, subfolders included, is what the trainer's 'train' (stage 1,
+    the latent cache) and 'test' (stage 1's evaluation) read."""
+    captions = _captioned_images(tmp_path, ["b.png", "a.jpg", "more/c.png"], jsonl)
+    data = _example("folder", data_dir=str(tmp_path), tokenizer=tokenizer_dir)
+    assert data.split == ""
+    for split in ("train", "test"):
+        assert sorted(_captions_read(data, split)) == sorted(captions)
+
+
+def test_folder_example_with_split_subfolders(tmp_path, tokenizer_dir):
+    """``:folder`` with ``split='train'``: each split is the subfolder of its name."""
+    train = _captioned_images(tmp_path / "train", ["x.png", "y.png"], jsonl=False)
+    test = _captioned_images(tmp_path / "test", ["z.png"], jsonl=True)
+    data = _example("folder", data_dir=str(tmp_path), tokenizer=tokenizer_dir, split="train")
+    assert sorted(_captions_read(data, "train")) == sorted(train)
+    assert _captions_read(data, "test") == list(test)
+
+
+def test_tiny_shapes_example_reads_both_splits(shapes_dir):
+    """``:tiny`` (the 512 / 128 ldm_shapes build), only its TFDS data_dir moved to the module's build.
+
+    ``:shapes`` differs only by the 20k build (30 s to generate) and ``:tfds``
+    needs a download, so neither is read here."""
+    data = _example("tiny", data_dir=shapes_dir)
+    for split, size in (("train", 512), ("test", 128)):
+        iterator = make_iterator(data, split)
+        batch = next(iterator)
+        assert iterator.size == size and batch["image"].shape == (16, 64, 64, 3) and batch["input_ids"].shape[0] == 16
 
 
 def test_config_validation():

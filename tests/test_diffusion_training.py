@@ -150,7 +150,8 @@ def test_evaluate_scores_samples_floor_and_ceilings(chain):
     _, workdir, _ = chain
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     done = subprocess.run([sys.executable, "-m", "ldm_jax.evaluate", "--checkpoint", workdir, "--count", "4",
-                           "--batch", "4", "--steps", "2"], capture_output=True, text=True, env=env, timeout=600)
+                           "--batch", "4", "--steps", "2", "--out", os.path.join(workdir, "eval_step_4.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(workdir, "eval_step_4.json")) as f:
         report = json.load(f)
@@ -179,9 +180,11 @@ def test_evaluate_img2img_from_the_test_images_and_a_bad_strength(chain):
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     command = [sys.executable, "-m", "ldm_jax.evaluate", "--checkpoint", workdir, "--count", "3", "--batch", "2",
                "--steps", "2"]
-    done = subprocess.run([*command, "--strength", "0.5"], capture_output=True, text=True, env=env, timeout=600)
+    out = os.path.join(workdir, "eval_step_4_strength_0.5.json")
+    done = subprocess.run([*command, "--strength", "0.5", "--out", out], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(os.path.join(workdir, "eval_step_4_strength_0.5.json")) as f:
+    with open(out) as f:
         report = json.load(f)
     assert report["strength"] == 0.5 and report["count"] == 3  # 3 prompts in batches of 2: the last one padded
     assert all(0.0 <= v <= 1.0 for v in report["conditional"]["all"].values())
@@ -391,10 +394,11 @@ def test_evaluate_steering_reports_each_noise_level_and_size(chain):
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     command = [sys.executable, "-m", "ldm_jax.evaluate", "--checkpoint", workdir, "--count", "3", "--batch", "2",
                "--steering"]
-    done = subprocess.run([*command, "--steering_timesteps", "0,500"], capture_output=True, text=True, env=env,
-                          timeout=600)
+    out = os.path.join(workdir, "eval_step_4_steering.json")
+    done = subprocess.run([*command, "--steering_timesteps", "0,500", "--out", out], capture_output=True, text=True,
+                          env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(os.path.join(workdir, "eval_step_4_steering.json")) as f:
+    with open(out) as f:
         report = json.load(f)
     sizes = [shapes.example("test", i)["size"] for i in range(3)]
     assert set(report["steering"]) == {"all", *sizes} and report["count"] == 3

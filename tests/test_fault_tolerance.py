@@ -1,34 +1,36 @@
-"""Fault tolerance of ``python -m ldm_jax.train``: real processes, real signals, real orbax checkpoints on disk.
+"""Fault tolerance of the training commands: real processes, real signals, real orbax checkpoints on disk.
 
-Every run is the same command: stage 2 of ``configs/tiny.py:run`` on an image
-folder (48 readable images in every colour mode plus 4 broken files) whose
-latent cache has one NaN example, met at step 5; 6 steps, checkpoints every
-3, ``nan_policy='skip'``, one CPU device (on 2 or more cores the step runs as
-concurrent slice programs). The runs differ only in how they are
-interrupted. Two lanes run side by side:
+One module fixture runs every process once; each test checks one outcome.
+Every fault is injected at a deterministic point by the process itself
+(tests/fault_injector.py: once step k's metrics row is written, at orbax's
+rename that commits a step, once latent-cache shard k is written), never by
+racing a poll. The data: an image folder (64 readable images in every colour
+mode plus 4 broken files, and a small test split) whose latent cache, built by
+``python -m ldm_jax.encode_latents``, has one NaN example, met at step 5. One
+CPU device (on 2 or more cores the stage-2 step runs as concurrent slice
+programs). Two lanes of runs go side by side:
 
-    interrupted:  SIGTERM after the first logged step  ->  restart, killed (SIGKILL) while committing the
-                  checkpoint of the last step  ->  restart to the end
-    reference:    uninterrupted  ->  the same with nan_policy='stop', in a fresh workdir  ->
-                  SIGKILL from outside once step 3 is logged, in a fresh workdir  ->  restart to the end
+    stage 2 (8 steps, checkpoints every 3, nan_policy='skip'): uninterrupted (the reference), then in another
+        workdir SIGTERM once step 2 is logged (stops and saves at step 4)  ->  restart, SIGKILLed once step 6 is
+        logged  ->  restart, SIGKILLed while committing the checkpoint of step 8  ->  the latest complete
+        checkpoint (step 6) damaged  ->  restart to the end (from step 4)
+    stage 1 (4 steps, checkpoints every 2): uninterrupted, then in another workdir SIGTERM once step 2 is logged
+        (stops and saves at step 3)  ->  restart, SIGKILLed while committing step 4  ->  step 3's _METADATA
+        deleted  ->  restart to the end (from step 2); then the latent cache SIGKILLed once its second shard is
+        written  ->  the same command again; then stage 2 with nan_policy='stop'
 
-The module fixture runs both lanes and records what happened; each test
-checks one outcome. The kill mid-save is exact: the process SIGKILLs itself
-inside orbax at the rename that commits the step folder, so everything else
-of the save (items, ``commit_success.txt``) is on disk, as when a machine dies
-at that instant. The killed run has logged steps up to STEPS - 1 or STEPS
-(metrics are written one log interval late, the last row while the save
-commits), past its latest complete checkpoint.
+Interrupted runs end bit-identical to their uninterrupted references: every
+saved array (params, EMA, optimizer state) and every logged value.
 """
 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import flax
 import jax
@@ -40,32 +42,24 @@ from PIL import Image
 from configs import tiny
 from ldm_jax.data import latents, shapes
 from ldm_jax.pipeline import Pipeline, abstract_params, build_modules, init_inputs
-from ldm_jax.training import checkpoints
+from ldm_jax.training import checkpoints, damage
+from ldm_jax.training.autoencoder.state import stage_dir
 from ldm_jax.training.latent_cache import ensure_latents
 from ldm_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, EVERY, BATCH, IMAGES = 6, 3, 8, 48  # 48 images: one epoch, so each example is met once
+INJECTOR = os.path.join(ROOT, "tests", "fault_injector.py")
+STEPS, EVERY, BATCH, IMAGES, TEST_IMAGES = 8, 3, 8, 64, 16  # 64 images: one epoch, so each example is met once
 NAN_STEP, LAST_GOOD = 5, 3  # the NaN example is in the batch of step 5; the checkpoint before it is step 3
+SIGTERM_ROW, SIGTERMED = 2, 4  # SIGTERM once row 2 is written (during step 3: rows are one step late): stops at 4
+KILL_ROW = 6  # SIGKILL once row 6 is written, during step 7, past the complete checkpoint of step 6
+DAMAGED_STEP = 6  # the latest complete checkpoint once the save of step 8 is killed: damaged before the restart
+AE_STEPS, AE_EVERY, AE_SIGTERMED = 4, 2, 3  # stage 1 writes rows at once: SIGTERM at row 2 stops at step 3
+SHARD_SIZE, KILL_SHARD = 16, 2  # the cache: 4 shards; the build is killed once the second is written
 BROKEN = {"corrupt.png": b"\x89PNG\r\n\x1a\n not a png", "empty.png": b""}
 COMPARED = ("train/loss", "train/mse", "train/grad_norm", "train/lr", "train/weight", "train/nonfinite_skips")
+RATES = ("train/steps_per_sec", "train/images_per_sec")  # wall-clock rates: the only values that may differ
 TIMEOUT = 900
-# Seven training processes, each compiling the tiny step: minutes on 2 cores, so outside the default suite.
-pytestmark = pytest.mark.slow
-
-# Runs ldm_jax.train with orbax's rename patched: the rename that commits step STEPS's folder kills the process.
-KILL_AT_COMMIT = f"""
-import os, runpy, signal, sys
-from orbax.checkpoint._src.path import atomicity
-rename = atomicity.async_path.rename
-async def rename_or_die(source, target):
-    if target.name == "{STEPS}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return await rename(source, target)
-atomicity.async_path.rename = rename_or_die
-sys.argv[0] = "ldm_jax.train"
-runpy.run_module("ldm_jax.train", run_name="__main__")
-"""
 
 
 def _write_images(folder: str) -> None:
@@ -93,29 +87,35 @@ def _write_images(folder: str) -> None:
     for name, content in broken.items():
         pathlib.Path(folder, name).write_bytes(content)
         records.insert(3 * len(records) // 4, {"file": name, "caption": "broken"})
+    _write_captions(folder, records)
+
+
+def _write_test_images(folder: str) -> None:
+    """TEST_IMAGES test-split shapes images, for stage 1's evaluation."""
+    os.makedirs(folder)
+    for i in range(TEST_IMAGES):
+        example = shapes.example("test", i)
+        Image.fromarray(example["image"]).save(os.path.join(folder, f"{i:03d}.png"))
+    _write_captions(folder, [{"file": f"{i:03d}.png", "caption": shapes.example("test", i)["caption"]}
+                             for i in range(TEST_IMAGES)])
+
+
+def _write_captions(folder: str, records: list[dict]) -> None:
     with open(os.path.join(folder, "captions.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def _overrides(root: str) -> dict[str, object]:
-    """The command-line overrides of configs/tiny.py:run that every run uses."""
-    return {"stages": "diffusion", "vae_from": os.path.join(root, "vae"), "latents.dir": os.path.join(root, "latents"),
-            "data.source": "folder", "data.name": "", "data.data_dir": os.path.join(root, "images"),
-            "data.tokenizer": os.path.join(root, "tokenizer"),
+def _overrides(root: str, stage: str) -> dict[str, object]:
+    """The command-line overrides of configs/tiny.py:run for ``stage`` ('diffusion', 'autoencoder', 'latents')."""
+    data = {"data.source": "folder", "data.name": "", "data.data_dir": os.path.join(root, "images"),
+            "data.tokenizer": os.path.join(root, "tokenizer")}
+    if stage == "autoencoder":
+        return {"stages": stage, **data, "autoencoder.steps": AE_STEPS, "autoencoder.checkpoint_every": AE_EVERY,
+                "autoencoder.keep": 5}
+    return {"stages": stage, "vae_from": os.path.join(root, "vae"), "latents.dir": os.path.join(root, "latents"),
+            "latents.shard_size": SHARD_SIZE, **data,
             "diffusion.steps": STEPS, "diffusion.checkpoint_every": EVERY, "diffusion.keep": 5,
             "diffusion.nan_policy": "skip", "diffusion.sample_every": -1}
-
-
-def _config(root: str):
-    """configs/tiny.py:run with `_overrides`, as the command line sets them."""
-    config = tiny.get_config("run")
-    for key, value in _overrides(root).items():
-        *parents, leaf = key.split(".")
-        section = config
-        for parent in parents:
-            section = section[parent]
-        section[leaf] = value
-    return config
 
 
 def _vae_pipeline(folder: str) -> None:
@@ -128,6 +128,11 @@ def _vae_pipeline(folder: str) -> None:
               for name in ("unet", "text_encoder")}
     params["vae"] = jax.jit(modules["vae"].init)(jax.random.key(0), *init_inputs("vae", configs["vae"]))["params"]
     Pipeline(**modules, params=params, configs=configs).save_pretrained(folder)
+
+
+def _cache_arrays(cache: str) -> dict[str, np.ndarray]:
+    """Every array of a latent cache's train split, by file name."""
+    return {path.name: np.load(path) for path in sorted(pathlib.Path(cache, "train").glob("*.npy"))}
 
 
 def _poison(cache: str, step: int) -> None:
@@ -143,94 +148,83 @@ def _poison(cache: str, step: int) -> None:
     raise AssertionError(f"example {index} not in {cache}")
 
 
+def _truncate_largest_chunk(step: pathlib.Path) -> None:
+    """Truncate the largest data file of a checkpoint step's params item to half its size (a bad copy)."""
+    chunk = max((p for p in (step / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+                key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+
+
 class Runner:
-    """Starts ``ldm_jax.train`` processes (one CPU device, as fast compiles as the tests) and keeps their logs."""
+    """Starts ldm_jax commands (one CPU device, as fast compiles as the tests) and keeps their logs."""
 
     def __init__(self, root: str):
         self.root = root
         self.env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
                     "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
 
-    def start(self, name: str, workdir: str, *extra: str, kill_at_commit: bool = False) -> subprocess.Popen:
-        """Start run ``name`` (its stderr goes to ROOT/name.log)."""
+    def run(self, name: str, stage: str, workdir: str, *extra: str, fault: tuple[str, int] | None = None,
+            module: str = "ldm_jax.train") -> tuple[int, str]:
+        """Run ``module`` on ``stage`` of configs/tiny.py:run in ``workdir``, interrupted by ``fault`` (FAULT, AT
+        of tests/fault_injector.py) if given; its exit status and log (also in ROOT/name.log)."""
         args = ["--config", os.path.join(ROOT, "configs", "tiny.py") + ":run", "--workdir", workdir,
-                *(f"--config.{key}={value}" for key, value in _overrides(self.root).items()), *extra]
-        program = ["-c", KILL_AT_COMMIT] if kill_at_commit else ["-m", "ldm_jax.train"]
-        with open(os.path.join(self.root, f"{name}.log"), "w") as log:
-            return subprocess.Popen([sys.executable, *program, *args], env=self.env, stdout=log, stderr=log, cwd=ROOT)
-
-    def finish(self, name: str, process: subprocess.Popen) -> tuple[int, str]:
-        """Wait for ``process``; its exit status and log."""
-        code = process.wait(timeout=TIMEOUT)
-        with open(os.path.join(self.root, f"{name}.log")) as f:
-            return code, f.read()
-
-    def run(self, name: str, workdir: str, *extra: str, **kwargs) -> tuple[int, str]:
-        """Start run ``name`` and wait for it."""
-        return self.finish(name, self.start(name, workdir, *extra, **kwargs))
+                *(f"--config.{key}={value}" for key, value in _overrides(self.root, stage).items()), *extra]
+        program = [INJECTOR, fault[0], str(fault[1]), module] if fault else ["-m", module]
+        path = os.path.join(self.root, f"{name}.log")
+        with open(path, "w") as log:
+            code = subprocess.run([sys.executable, *program, *args], env=self.env, stdout=log, stderr=log, cwd=ROOT,
+                                  timeout=TIMEOUT).returncode
+        return code, pathlib.Path(path).read_text()
 
 
-def _wait_for_logged_step(workdir: str, process: subprocess.Popen, step: int = 1) -> None:
-    """Block until ``workdir``'s metrics.jsonl has training step ``step``; AssertionError if the process ends
-    first or it is not logged within TIMEOUT seconds (a signal sent then would test something else)."""
-    deadline = time.time() + TIMEOUT
-    while process.poll() is None and time.time() < deadline:
-        if any("train/loss" in r and r["step"] >= step for r in _records(workdir)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"training step {step} not logged in {workdir} within {TIMEOUT} s "
-                         f"(exit status {process.poll()})")
+def _rows(folder: str) -> list[int]:
+    """The steps of ``folder``'s logged training rows."""
+    return [r["step"] for r in read_metrics(folder) if "train/steps_per_sec" in r]
 
 
-def _complete_steps(workdir: str) -> list[int]:
-    """The complete checkpoint steps of ``workdir`` ([] when there is none)."""
-    try:
-        return checkpoints.available_steps(workdir)
-    except FileNotFoundError:
-        return []
+def _listing(folder: str) -> list[str]:
+    """The names in a checkpoint directory."""
+    return sorted(os.listdir(folder))
 
 
-def _records(workdir: str) -> list[dict]:
-    """metrics.jsonl records, tolerating a line being written right now."""
-    try:
-        return read_metrics(workdir)
-    except ValueError:
-        return []
-
-
-def _interrupted_lane(runner: Runner, out: dict) -> None:
+def _stage2_lane(runner: Runner, out: dict) -> None:
+    out["reference"] = runner.run("reference", "diffusion", os.path.join(runner.root, "reference"))
     workdir = os.path.join(runner.root, "interrupted")
-    first = runner.start("sigterm", workdir)
-    _wait_for_logged_step(workdir, first)
-    first.send_signal(signal.SIGTERM)
-    out["sigterm"] = runner.finish("sigterm", first)
-    out["after_sigterm"] = checkpoints.available_steps(workdir)
-    out["rows_after_sigterm"] = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
-    out["killed"] = runner.run("killed", workdir, kill_at_commit=True)
     folder = checkpoints.checkpoint_dir(workdir)
-    out["listing_after_kill"] = sorted(os.listdir(folder))
+    out["sigterm"] = runner.run("sigterm", "diffusion", workdir, fault=("sigterm", SIGTERM_ROW))
+    out["after_sigterm"], out["rows_after_sigterm"] = checkpoints.available_steps(workdir), _rows(workdir)
+    out["sigkill"] = runner.run("sigkill", "diffusion", workdir, fault=("sigkill", KILL_ROW))
+    out["after_sigkill"], out["rows_after_sigkill"] = _listing(folder), _rows(workdir)
+    out["killed"] = runner.run("killed", "diffusion", workdir, fault=("commit", STEPS))
+    out["listing_after_kill"] = _listing(folder)
     out["markers_after_kill"] = sorted(name for name in out["listing_after_kill"]
                                        if os.path.exists(os.path.join(folder, name, "commit_success.txt")))
-    out["rows_after_kill"] = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
-    out["resumed"] = runner.run("resumed", workdir)
+    out["rows_after_kill"] = _rows(workdir)
+    _truncate_largest_chunk(pathlib.Path(folder, str(DAMAGED_STEP)))
+    out["resumed"] = runner.run("resumed", "diffusion", workdir)
 
 
-def _sigkill_lane(runner: Runner, out: dict) -> None:
-    workdir = os.path.join(runner.root, "sigkilled")
-    first = runner.start("sigkill", workdir)
-    _wait_for_logged_step(workdir, first, EVERY)  # past the first checkpoint (unless its save is still running)
-    first.kill()  # SIGKILL from outside, wherever the trainer is: in a step, a save, a metrics write
-    out["sigkill"] = runner.finish("sigkill", first)
-    out["after_sigkill"] = _complete_steps(workdir)
-    out["sigkill_resumed"] = runner.run("sigkill_resumed", workdir)
-
-
-def _reference_lane(runner: Runner, out: dict) -> None:
-    out["reference"] = runner.run("reference", os.path.join(runner.root, "reference"))
+def _stage1_and_cache_lane(runner: Runner, out: dict) -> None:
+    # stage 1 first: each lane compiles its own stage's step while the other lane compiles the other one
+    out["ae_reference"] = runner.run("ae_reference", "autoencoder", os.path.join(runner.root, "ae_reference"))
+    workdir = os.path.join(runner.root, "stage1")
+    folder = checkpoints.checkpoint_dir(stage_dir(workdir))
+    out["ae_sigterm"] = runner.run("ae_sigterm", "autoencoder", workdir, fault=("sigterm", SIGTERM_ROW))
+    out["ae_after_sigterm"] = checkpoints.available_steps(stage_dir(workdir))
+    out["ae_killed"] = runner.run("ae_killed", "autoencoder", workdir, fault=("commit", AE_STEPS))
+    out["ae_listing_after_kill"] = _listing(folder)
+    os.remove(os.path.join(folder, str(AE_SIGTERMED), "params", "_METADATA"))
+    out["ae_resumed"] = runner.run("ae_resumed", "autoencoder", workdir)
+    cache = os.path.join(runner.root, "latents_killed")
+    out["cache_killed"] = runner.run("cache_killed", "latents", runner.root, f"--config.latents.dir={cache}",
+                                     fault=("shard", KILL_SHARD), module="ldm_jax.encode_latents")
+    out["cache_after_kill"] = sorted(os.listdir(os.path.join(cache, "train")))
+    out["manifest_after_kill"] = os.path.exists(os.path.join(cache, latents.MANIFEST))
+    out["cache_rebuilt"] = runner.run("cache_rebuilt", "latents", runner.root, f"--config.latents.dir={cache}",
+                                      module="ldm_jax.encode_latents")
     nan_run = os.path.join(runner.root, "nan_stop")
-    out["nan_stop"] = runner.run("nan_stop", nan_run, "--config.diffusion.nan_policy=stop")
+    out["nan_stop"] = runner.run("nan_stop", "diffusion", nan_run, "--config.diffusion.nan_policy=stop")
     out["after_nan_stop"] = checkpoints.available_steps(nan_run)
-    _sigkill_lane(runner, out)  # in this thread: two lanes of runs at a time are enough for the CPUs
 
 
 def _in_thread(lane, runner: Runner, out: dict) -> threading.Thread:
@@ -246,15 +240,18 @@ def _in_thread(lane, runner: Runner, out: dict) -> threading.Thread:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Both lanes, run to the end: {'root', name: (exit status, log) per run, plus what was on disk between}."""
+    """Every run, to the end: {'root', name: (exit status, log) per run, plus what was on disk between}."""
     root = str(tmp_path_factory.mktemp("faults"))
     _write_images(os.path.join(root, "images", "train"))
+    _write_test_images(os.path.join(root, "images", "test"))
     shapes.write_tokenizer(os.path.join(root, "tokenizer"), model_max_length=16)
     _vae_pipeline(os.path.join(root, "vae"))
-    ensure_latents(_config(root), os.path.join(root, "unused"))
-    _poison(os.path.join(root, "latents"), NAN_STEP)
     runner, out = Runner(root), {"root": root}
-    for thread in [_in_thread(_interrupted_lane, runner, out), _in_thread(_reference_lane, runner, out)]:
+    out["cache"] = runner.run("cache", "latents", root, module="ldm_jax.encode_latents")
+    assert out["cache"][0] == 0, out["cache"][1][-3000:]
+    out["cache_arrays"] = _cache_arrays(os.path.join(root, "latents"))
+    _poison(os.path.join(root, "latents"), NAN_STEP)
+    for thread in [_in_thread(_stage2_lane, runner, out), _in_thread(_stage1_and_cache_lane, runner, out)]:
         thread.join()
     if out.get("errors"):
         raise out["errors"][0]
@@ -281,48 +278,59 @@ def _assert_equal_trees(a, b) -> None:
         np.testing.assert_array_equal(x, y)
 
 
+def _logged(folder: str) -> list[dict]:
+    """Every metrics record of ``folder`` but the wall-clock rates."""
+    return [{k: v for k, v in r.items() if k not in RATES} for r in read_metrics(folder)]
+
+
+def _assert_same_as_the_reference(workdir: str, reference: str, steps: int) -> None:
+    """``workdir`` (a stage's folder) ended at ``steps`` with every saved array and logged value equal to the
+    uninterrupted ``reference``'s."""
+    saved = checkpoints.available_steps(workdir)
+    assert saved[-1] == steps
+    listing = [name for name in _listing(checkpoints.checkpoint_dir(workdir)) if damage.DAMAGED not in name]
+    assert listing == sorted(map(str, saved))  # no unfinished save
+    _assert_equal_trees(_saved(workdir, steps), _saved(reference, steps))
+    assert _rows(workdir) == list(range(1, steps + 1))  # each step once: no stale rows left
+    np.testing.assert_equal(_logged(workdir), _logged(reference))  # losses, norms, lr, skip counts (NaN = NaN here)
+
+
 def test_sigterm_saves_the_current_step_and_exits_zero(runs):
     code, log = runs["sigterm"]
     assert code == 0, log[-3000:]
-    stopped = runs["after_sigterm"][-1]
-    assert runs["after_sigterm"] == [*range(EVERY, stopped, EVERY), stopped]  # the step it stopped at is saved
-    assert 1 <= stopped < STEPS and runs["rows_after_sigterm"][-1] == stopped
-    assert "received SIGTERM" in log and f"stage 2: stopped at step {stopped} of {STEPS} on SIGTERM" in log
+    assert runs["after_sigterm"] == [EVERY, SIGTERMED]  # the step it stopped at is saved
+    assert runs["rows_after_sigterm"] == list(range(1, SIGTERMED + 1))
+    assert "received SIGTERM" in log and f"stage 2: stopped at step {SIGTERMED} of {STEPS} on SIGTERM" in log
 
 
-def test_restart_resumes_from_the_sigterm_checkpoint(runs):
-    assert f"stage 2: resumed from step {runs['after_sigterm'][-1]} in" in runs["killed"][1]
+def test_sigkill_mid_run_leaves_the_checkpoints_before_it(runs):
+    code, log = runs["sigkill"]
+    assert code == -signal.SIGKILL, log[-3000:]
+    assert f"stage 2: resumed from step {SIGTERMED} in" in log
+    assert runs["after_sigkill"] == ["3", "4", "6"]  # killed during step 7
+    assert runs["rows_after_sigkill"] == list(range(1, KILL_ROW + 1))
 
 
 def test_kill_during_a_save_leaves_an_unfinished_checkpoint_that_is_never_restored(runs):
     code, log = runs["killed"]
-    complete = sorted({*runs["after_sigterm"], *range(EVERY, STEPS, EVERY)})  # the killed run's saves too
     assert code == -signal.SIGKILL, log[-3000:]
+    assert f"stage 2: resumed from step {KILL_ROW} in" in log
     unfinished = f"{STEPS}.orbax-checkpoint-tmp"
-    assert runs["listing_after_kill"] == sorted([*map(str, complete), unfinished])
+    assert runs["listing_after_kill"] == ["3", "4", "6", unfinished]
     assert runs["markers_after_kill"] == runs["listing_after_kill"]  # all whole but for orbax's rename
     # the last step's row is written while its save commits in the background: before or after the kill
     assert runs["rows_after_kill"] in (list(range(1, STEPS)), list(range(1, STEPS + 1)))
-    resumed = runs["resumed"][1]
-    assert f"ignoring unfinished checkpoint save(s) ['{unfinished}']" in resumed
-    assert f"stage 2: resumed from step {complete[-1]} in" in resumed
+    assert f"ignoring unfinished checkpoint save(s) ['{unfinished}']" in runs["resumed"][1]
 
 
-def _rows(workdir: str) -> np.ndarray:
-    """[steps, 1 + len(COMPARED)]: each logged training step and its COMPARED values."""
-    return np.asarray([[r["step"], *(r[k] for k in COMPARED)] for r in read_metrics(workdir) if "train/loss" in r])
-
-
-def _assert_same_as_the_reference(root: str, name: str) -> None:
-    """Run ``name`` ended at STEPS with every saved array and logged value equal to the uninterrupted run's."""
-    workdir, reference = os.path.join(root, name), os.path.join(root, "reference")
-    steps = checkpoints.available_steps(workdir)
-    assert steps[-1] == STEPS
-    assert sorted(os.listdir(checkpoints.checkpoint_dir(workdir))) == sorted(map(str, steps))  # no unfinished save
-    _assert_equal_trees(_saved(workdir, STEPS), _saved(reference, STEPS))
-    rows = _rows(workdir)
-    np.testing.assert_array_equal(rows[:, 0], np.arange(1, STEPS + 1))  # each step once: no stale rows left
-    np.testing.assert_array_equal(rows, _rows(reference))  # losses, norms, lr, skip counts (NaN = NaN here)
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(runs):
+    code, log = runs["resumed"]
+    assert code == 0, log[-3000:]
+    step = os.path.join(checkpoints.checkpoint_dir(os.path.join(runs["root"], "interrupted")), str(DAMAGED_STEP))
+    assert f"stage 2: checkpoint step {DAMAGED_STEP} in {step} is damaged (" in log
+    assert f"stage 2: moved checkpoint step {DAMAGED_STEP} aside to {step}.damaged; trying the step before" in log
+    assert f"stage 2: resumed from step {SIGTERMED} in" in log
+    assert os.path.isdir(f"{step}.damaged")  # kept, never deleted
 
 
 def test_interrupted_run_equals_the_uninterrupted_one(runs):
@@ -330,20 +338,66 @@ def test_interrupted_run_equals_the_uninterrupted_one(runs):
     assert code == 0, log[-3000:]
     if len(os.sched_getaffinity(0)) >= 2:  # the step these runs take on one CPU device with cores to spare
         assert "stage 2: the U-Net runs on 2 slice(s) of each device's batch, as concurrent programs" in log
-    _assert_same_as_the_reference(runs["root"], "interrupted")
+    _assert_same_as_the_reference(os.path.join(runs["root"], "interrupted"),
+                                  os.path.join(runs["root"], "reference"), STEPS)
 
 
-def test_sigkill_at_any_step_then_the_same_command_equals_the_uninterrupted_run(runs):
-    code, log = runs["sigkill"]
-    assert code == -signal.SIGKILL, log[-3000:]
-    assert not runs["after_sigkill"] or runs["after_sigkill"][-1] < STEPS  # killed before the end
-    code, log = runs["sigkill_resumed"]
+def test_stage1_sigterm_sigkill_mid_save_and_damage_then_equals_the_uninterrupted_run(runs):
+    code, log = runs["ae_sigterm"]
+    assert code == 0 and f"stage 1: stopped at step {AE_SIGTERMED} of {AE_STEPS} on SIGTERM" in log, log[-3000:]
+    assert runs["ae_after_sigterm"] == [AE_EVERY, AE_SIGTERMED]
+    code, log = runs["ae_killed"]
+    assert code == -signal.SIGKILL and f"stage 1: resumed from step {AE_SIGTERMED} in" in log, log[-3000:]
+    assert runs["ae_listing_after_kill"] == ["2", "3", f"{AE_STEPS}.orbax-checkpoint-tmp"]
+    code, log = runs["ae_resumed"]
     assert code == 0, log[-3000:]
-    if runs["after_sigkill"]:
-        assert f"stage 2: resumed from step {runs['after_sigkill'][-1]} in" in log
-    else:  # killed before the first checkpoint was complete: a fresh start
-        assert "resumed from step" not in log
-    _assert_same_as_the_reference(runs["root"], "sigkilled")
+    assert f"stage 1: checkpoint step {AE_SIGTERMED} in " in log and "params/_METADATA (missing)" in log
+    assert f"stage 1: resumed from step {AE_EVERY} in" in log
+    _assert_same_as_the_reference(stage_dir(os.path.join(runs["root"], "stage1")),
+                                  stage_dir(os.path.join(runs["root"], "ae_reference")), AE_STEPS)
+
+
+def test_a_killed_latent_cache_build_is_rebuilt_equal_to_an_uninterrupted_one(runs):
+    code, log = runs["cache_killed"]
+    assert code == -signal.SIGKILL, log[-3000:]
+    assert not runs["manifest_after_kill"]  # an interrupted build: no manifest, so it is rebuilt
+    assert runs["cache_after_kill"] == sorted(f"00000-{shard:05d}.{field}.npy" for shard in range(KILL_SHARD)
+                                              for field in (*latents.FIELDS, "input_ids"))
+    code, log = runs["cache_rebuilt"]
+    assert code == 0, log[-3000:]
+    cache, reference = (os.path.join(runs["root"], name) for name in ("latents_killed", "latents"))
+    rebuilt = _cache_arrays(cache)
+    assert sorted(rebuilt) == sorted(runs["cache_arrays"]) and len(rebuilt) == 4 * (len(latents.FIELDS) + 1)
+    for name, array in runs["cache_arrays"].items():
+        np.testing.assert_array_equal(rebuilt[name], array)
+    assert latents.read_manifest(cache) == latents.read_manifest(reference)
+
+
+def _config(root: str, **changes):
+    """configs/tiny.py:run with stage 2's `_overrides` and ``changes``, as the command line sets them."""
+    config = tiny.get_config("run")
+    for key, value in {**_overrides(root, "diffusion"), **changes}.items():
+        *parents, leaf = key.split(".")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        section[leaf] = value
+    return config
+
+
+def test_a_damaged_latent_cache_shard_is_named(runs, tmp_path):
+    cache = str(tmp_path / "latents")
+    shutil.copytree(os.path.join(runs["root"], "latents"), cache)
+    shard = os.path.join(cache, "train", "00000-00001.logvar.npy")
+    pathlib.Path(shard).write_bytes(pathlib.Path(shard).read_bytes()[:1000])
+    with pytest.raises(latents.CacheDamagedError, match=f"latent cache file {shard} is damaged .* to rebuild"):
+        ensure_latents(_config(runs["root"], **{"latents.dir": cache}), str(tmp_path))  # what train calls first
+    assert latents.read_manifest(cache) is not None  # refused, not rebuilt: the manifest says it is complete
+    with pytest.raises(latents.CacheDamagedError, match=f"latent cache file {shard} is damaged .* to rebuild"):
+        latents.LatentIterator(cache, "train", BATCH, seed=0)
+    os.remove(shard)
+    with pytest.raises(latents.CacheDamagedError, match=f"latent cache file {shard} is damaged"):
+        latents.LatentIterator(cache, "train", BATCH, seed=0)
 
 
 def test_broken_images_are_skipped_and_counted_in_the_metrics(runs):

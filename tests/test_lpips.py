@@ -16,7 +16,9 @@ from ldm_jax.testing import lpips as lpips_ref
 from ldm_jax.weights import convert
 from ldm_jax.models.lpips import LPIPS, params_from_torch
 
-TOL = 1e-4
+# max_rel_error measured on a 2-core AMD EPYC: distances 1.2e-7, gradients (per image, max |a - b| / max |b|) 3.6e-6.
+TOL = 1e-6
+GRAD_TOL = 5e-5
 TINY = (4, 8, 8, 8, 8)
 
 
@@ -26,8 +28,11 @@ def nchw(x) -> torch.Tensor:
 
 
 def images(shape, seed: int) -> np.ndarray:
-    """Random images in [-1, 1]."""
-    return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+    """Random images spanning [-1, 1], the range both LPIPS implementations take (lpips' ``normalize=False``)."""
+    x = np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+    x.reshape(-1)[:2] = -1.0, 1.0
+    assert x.min() == -1.0 and x.max() == 1.0
+    return x
 
 
 def torch_state_dicts(model: torch.nn.Module) -> tuple[dict, dict]:
@@ -59,6 +64,24 @@ def test_matches_lpips_package(random_heads):
     print(f"LPIPS parity ({'random' if random_heads else 'packaged'} heads): {expected} max rel err {err:.2e}")
     assert err <= TOL
     assert np.all(expected > 0)
+
+
+def test_input_gradient_matches_lpips_package():
+    """The gradient of the distance with respect to both images (what the autoencoder's loss backpropagates)
+    against torch autograd through the lpips package's network with the same weights."""
+    ref = lpips_ref.build(seed=0, random_heads=True)
+    x0, x1 = images((2, 16, 16, 3), 3), images((2, 16, 16, 3), 4)
+    weights = np.array([1.0, -0.5], np.float32)
+    t0, t1 = nchw(x0).requires_grad_(), nchw(x1).requires_grad_()
+    (ref(t0, t1, normalize=False).reshape(-1) * torch.from_numpy(weights)).sum().backward()
+    params = params_from_torch(*torch_state_dicts(ref))
+    model = LPIPS(LPIPS.channels)
+    loss = lambda params, a, b: (model.apply({"params": params}, a, b) * weights).sum()
+    grads = jax.jit(jax.grad(loss, argnums=(1, 2)))(params, x0, x1)
+    errors = [float(np.max(np.abs(ours - t.grad.numpy().transpose(0, 2, 3, 1))) / np.max(np.abs(t.grad.numpy())))
+              for ours, t in zip(grads, (t0, t1))]
+    print(f"LPIPS input gradients: max rel err {errors}")
+    assert max(errors) <= GRAD_TOL
 
 
 def test_identical_images_zero_distance_finite_gradient():

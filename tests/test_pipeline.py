@@ -30,7 +30,7 @@ from ldm_jax.testing import max_rel_error, numpy_state_dict
 from ldm_jax.testing import pipeline as pipeline_refs
 
 PROMPTS = ["a red circle", "a photo of a cat on a mat"]
-TOL = 1e-4
+TOL = 2e-5  # max_rel_error of float32 outputs against diffusers; measured at most 1.8e-6 (2-core AMD EPYC)
 
 
 def reference(style: str, root: str) -> types.SimpleNamespace:

@@ -166,6 +166,16 @@ def test_same_seed_same_file_other_seed_differs(first_grid, folder, in_process, 
     assert (tmp_path / "other.png").read_bytes() != first
 
 
+def test_out_suffix_picks_the_format(first_grid, folder, in_process, tmp_path):
+    """``--out x.jpg`` writes JPEG data: the PNG run's grid, JPEG-encoded with PIL's defaults."""
+    assert in_process("--pretrained", folder, *SAMPLE_ARGS, "--out", str(tmp_path / "grid.jpg")) == 0
+    with Image.open(first_grid[1]) as png:
+        png.save(tmp_path / "expected.jpg", format="JPEG")
+    with Image.open(tmp_path / "grid.jpg") as jpeg, Image.open(tmp_path / "expected.jpg") as expected:
+        assert jpeg.format == "JPEG"
+        np.testing.assert_array_equal(np.asarray(jpeg), np.asarray(expected))
+
+
 def test_checkpoint_gives_the_same_file(first_grid, workdir, in_process, tmp_path):
     assert in_process("--checkpoint", workdir, "--noema", *SAMPLE_ARGS, "--out", str(tmp_path / "b.png")) == 0
     with open(first_grid[1], "rb") as f:
@@ -174,7 +184,8 @@ def test_checkpoint_gives_the_same_file(first_grid, workdir, in_process, tmp_pat
 
 BAD_INPUTS = ("unknown sampler", "steps < 1", "steps not an integer", "NaN guidance", "num-images < 1",
               "missing pretrained", "missing checkpoint", "missing step", "neither", "both", "tokenizer not a folder",
-              "out is a folder", "size not a U-Net multiple")
+              "out is a folder", "out without an image suffix", "out under a file", "negative guidance",
+              "size not a U-Net multiple")
 
 
 def bad_input(case: str, folder: str, workdir: str) -> tuple[list[str], str]:
@@ -201,6 +212,15 @@ def bad_input(case: str, folder: str, workdir: str) -> tuple[list[str], str]:
         "tokenizer not a folder": ([*pretrained, "--tokenizer", "/nonexistent/tokenizer"],
                                    "--tokenizer /nonexistent/tokenizer is not a folder: give a CLIP tokenizer folder"),
         "out is a folder": ([*pretrained, "--out", folder], f"--out {folder} is a folder: give the PNG file to write"),
+        "out without an image suffix": ([*pretrained, "--out", f"{folder}.pgn"],
+                                        rf"--out {re.escape(folder)}.pgn: cannot tell the image format from the "
+                                        r"suffix '.pgn'; use one of .*\.jpg.*\.png.*"),
+        "out under a file": ([*pretrained, "--out", f"{folder}/model_index.json/grid.png"],
+                             rf"--out {re.escape(folder)}/model_index.json/grid.png: its folder "
+                             rf"{re.escape(folder)}/model_index.json is a file, not a folder"),
+        "negative guidance": ([*pretrained, "--guidance", "-2"],
+                              r"flag --guidance=-2.0: --guidance must be a finite number >= 0 \(0: unconditional, "
+                              r"1: no guidance\)"),
         "size not a U-Net multiple": ([*pretrained, "--height", "6"],
                                       r"--height 6 and --width 32 must be multiples of 4 \(the VAE's factor 2 times "
                                       r"the U-Net's 2\)"),

@@ -143,9 +143,10 @@ def test_geglu_matches_diffusers_and_its_backward_concatenates_no_activations():
                                   "bias": jnp.asarray(reference.proj.bias.detach().numpy())}}}
     grad_fn = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x))), argnums=(0, 1)))
     grads, grad_x = grad_fn(params, jnp.asarray(x))
-    np.testing.assert_allclose(module.apply(params, x), reference(torch.tensor(x)).detach().numpy(), atol=1e-5)
-    np.testing.assert_allclose(grad_x, x_t.grad.numpy(), atol=1e-5)
-    np.testing.assert_allclose(grads["params"]["proj"]["kernel"], reference.proj.weight.grad.numpy().T, atol=1e-4)
+    # atol: measured 2.4e-7 (values), 3.0e-7 (input gradient), 1.4e-6 (kernel gradient, |values| up to ~10)
+    np.testing.assert_allclose(module.apply(params, x), reference(torch.tensor(x)).detach().numpy(), atol=3e-6)
+    np.testing.assert_allclose(grad_x, x_t.grad.numpy(), atol=3e-6)
+    np.testing.assert_allclose(grads["params"]["proj"]["kernel"], reference.proj.weight.grad.numpy().T, atol=1.5e-5)
     hlo = grad_fn.lower(params, jnp.asarray(x)).compile().as_text()
     concatenated = re.findall(r"= f32\[([\d,]+)\]\S* concatenate\(", hlo)
     assert not [shape for shape in concatenated if shape.startswith("2,10,")], concatenated

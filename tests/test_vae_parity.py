@@ -22,7 +22,10 @@ from ldm_jax.testing.vae import VAE_SD, VAE_TINY, build
 from ldm_jax.weights import convert
 from ldm_jax.models.vae import AutoencoderKL, DiagonalGaussian, scaling_factor
 
-TOL = 1e-4
+# float32 max_rel_error on the tiny configs, measured on a 2-core AMD EPYC: posterior 1.1e-6, decode 2.0e-6,
+# reconstruction 3.7e-6. The full-size VAE (slow test) accumulates more and keeps 1e-4.
+TOL = 3e-5
+FULL_SIZE_TOL = 1e-4
 # bfloat16 compute with float32 params vs the float32 reference, max_rel_error measured on VAE_TINY
 # with seeds 0-5: posterior mean 1.0e-2 .. 1.3e-2, decoded image 1.3e-2 .. 2.1e-2 (bfloat16 keeps
 # 8 significant bits, 2**-8 = 3.9e-3, and errors add up over ~20 layers). 2.5x margin.
@@ -241,4 +244,4 @@ def test_sd_vae_parity_full_size():
     errors = {name: (float(np.max(np.abs(np.asarray(ours) - theirs))), refs.max_rel_error(ours, theirs))
               for name, ours, theirs in (("mean", mean, mean_ref), ("decode", decoded, image_ref))}
     print("SD VAE 256x256 (max abs, max rel):", errors)
-    assert all(rel <= TOL for _, rel in errors.values()), errors
+    assert all(rel <= FULL_SIZE_TOL for _, rel in errors.values()), errors

@@ -6,8 +6,9 @@ Importing this module imports neither TensorFlow nor TFDS, so configs can use it
                       'tfds' (any TFDS image dataset) or 'folder' (images with captions)
     name              TFDS name[/config][:version]; '' with 'shapes' means 'ldm_shapes' (its 20k/1k default)
     data_dir          TFDS data_dir ('' = TFDS' default), or for 'folder' the image folder
-    split             split read when make_iterator is given none; for 'folder' a subfolder of data_dir
-                      ('' = data_dir itself)
+    split             split read when make_iterator is given none; for 'folder', '' = data_dir itself holds
+                      the images and every split reads it (the trainer's 'train', and 'test' for stage 1's
+                      evaluation), else each split is a subfolder (data_dir/train, data_dir/test)
     download          'tfds': download and prepare (as array_record) if not prepared yet ('shapes' always is)
     image_feature     TFDS feature holding the image
     caption_feature   TFDS text feature holding the caption; '' = caption from label_feature

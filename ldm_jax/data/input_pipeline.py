@@ -8,7 +8,10 @@ The keys of ``config.data`` are those of `ldm_jax.data.config` (see there).
 Sources: the built-in ``ldm_shapes`` dataset, any TFDS dataset prepared as
 array_record (random access), and a folder of images captioned by a
 ``captions.jsonl`` ({"file": relative path, "caption": ...} per line) or by a
-``.txt`` beside each image. Images are decoded, resized (shorter side to
+``.txt`` beside each image: with ``split=''`` the folder itself, read for
+every split (a flat folder has no held-out part, so stage 1 evaluates on
+training images), else a subfolder per split (``DIR/train``, ``DIR/test``;
+`split_folder`). Images are decoded, resized (shorter side to
 ``image_size``, bicubic, antialiased), center or randomly cropped, optionally
 flipped, and scaled to [-1, 1]; captions are tokenized per batch.
 
@@ -42,6 +45,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -155,10 +159,16 @@ def make_tokenizer(data: Mapping[str, Any]) -> Any:
         return load_tokenizer(folder)
 
 
+def split_folder(data: Mapping[str, Any], split: str) -> str:
+    """The image folder of ``split`` for the 'folder' source: ``data_dir`` itself for every split when the data
+    section's ``split`` is '' (a flat folder), else the subfolder ``data_dir/split``."""
+    return data["data_dir"] if not data["split"] else str(epath.Path(data["data_dir"]) / split)
+
+
 def make_source(data: Mapping[str, Any], split: str, process_index: int, process_count: int) -> Source:
     """Host ``process_index``'s share of ``split`` of the dataset that the data section names."""
     if data["source"] == "folder":
-        return folder_source(os.path.join(data["data_dir"], split), process_index, process_count)
+        return folder_source(split_folder(data, split), process_index, process_count)
     return tfds_source(data, split, process_index, process_count)
 
 

@@ -21,7 +21,11 @@ Every process encodes its own share of a split (the data pipeline's host
 shard) and writes its own shards to the shared folder; process 0 writes the
 manifest after all are done. A folder without a manifest is an interrupted
 build and is rebuilt; one whose manifest names a different VAE or different
-data settings is refused (`CacheMismatchError`), never mixed.
+data settings is refused (`CacheMismatchError`), never mixed. A complete
+cache whose shard files were damaged later (missing, truncated, empty, or
+another row count than the manifest's) is refused naming the file
+(`CacheDamagedError`) and never rebuilt in place: moving the folder aside (or
+its manifest) rebuilds it.
 
 Reading (`LatentIterator`) follows the data pipeline's order rule: host ``p``
 reads its contiguous share, position ``i`` is example ``perm_e(i mod size)``
@@ -53,6 +57,7 @@ from ldm_jax.pipeline import abstract_params
 FORMAT = "ldm_jax latent moments v1"
 MANIFEST = "manifest.json"
 MOMENTS = ("mean", "logvar")
+FIELDS = (*MOMENTS, "caption", "index")  # every shard has these; input_ids when the data has a tokenizer
 # Data settings that change what the cached examples are (batch size and download do not).
 DATA_IDENTITY = ("source", "name", "data_dir", "image_feature", "caption_feature", "label_feature",
                  "caption_template", "tokenizer", "max_length", "image_size", "random_crop", "flip", "seed")
@@ -60,6 +65,10 @@ DATA_IDENTITY = ("source", "name", "data_dir", "image_feature", "caption_feature
 
 class CacheMismatchError(ValueError):
     """The cache on disk was made by another VAE or from other data settings."""
+
+
+class CacheDamagedError(ValueError):
+    """A file of a complete cache is missing, truncated, empty or holds another number of rows than listed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +237,30 @@ def _list_shards(folder: str, split: str) -> list[list]:
             for stem in stems]
 
 
+def _open_shard_file(path: str, rows: int) -> np.ndarray:
+    """``path`` memory-mapped; CacheDamagedError naming it when it does not read or lacks ``rows`` rows."""
+    fix = f"move {os.path.dirname(os.path.dirname(path))} aside (or delete it) to rebuild the cache"
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:
+        raise CacheDamagedError(f"latent cache file {path} is damaged ({type(error).__name__}: {error}); "
+                                f"{fix}") from error
+    if array.shape[0] != rows:
+        raise CacheDamagedError(f"latent cache file {path} holds {array.shape[0]} rows, its manifest lists {rows}; "
+                                f"{fix}")
+    return array
+
+
+def open_split(folder: str, manifest: Mapping[str, Any], split: str) -> dict[str, list[np.ndarray]]:
+    """Every cached field of ``split``, one memory-mapped array per shard of the manifest, each checked to read
+    and to hold the rows the manifest lists (CacheDamagedError naming the first file that does not)."""
+    shards = manifest["splits"][split]["shards"]
+    tokenized = glob.glob(os.path.join(folder, split, "*.input_ids.npy"))
+    fields = (*FIELDS, "input_ids") if tokenized else FIELDS
+    return {field: [_open_shard_file(os.path.join(folder, f"{stem}.{field}.npy"), rows) for stem, rows in shards]
+            for field in fields}
+
+
 def build_cache(config: Mapping[str, Any], vae: FrozenVAE, folder: str, splits: list[str],
                 manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Encode ``splits`` into ``folder`` (adding them to ``manifest`` if given) and write the manifest last."""
@@ -260,12 +293,14 @@ def ensure_cache(config: Mapping[str, Any], vae: FrozenVAE, folder: str, splits:
     """The manifest of ``folder`` after encoding whichever of ``splits`` it lacks.
 
     Raises CacheMismatchError when the folder holds a cache of another VAE or of
-    other data settings.
+    other data settings, CacheDamagedError when a file of a cached split is damaged.
     """
     manifest = read_manifest(folder)
     if manifest is not None:
         check_manifest(manifest, vae, config["data"], folder)
         missing = [s for s in splits if s not in manifest["splits"]]
+        for split in set(splits) - set(missing):
+            open_split(folder, manifest, split)
         if not missing:
             logging.info("latent cache: using %s (%s)", folder, ", ".join(
                 f"{s}: {manifest['splits'][s]['count']} examples" for s in splits))
@@ -295,9 +330,7 @@ class LatentIterator:
         if batch_size % process_count:
             raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} processes")
         shards = manifest["splits"][split]["shards"]
-        fields = [os.path.basename(p).split(".")[-2] for p in glob.glob(os.path.join(folder, f"{shards[0][0]}.*.npy"))]
-        self.arrays = {f: [np.load(os.path.join(folder, f"{stem}.{f}.npy"), mmap_mode="r") for stem, _ in shards]
-                       for f in fields}
+        self.arrays = open_split(folder, manifest, split)
         self.offsets = np.cumsum([0] + [n for _, n in shards])
         self.start, stop = host_range(int(self.offsets[-1]), process_index, process_count)
         self.size = stop - self.start

@@ -8,6 +8,14 @@ params, token ids, the rng key and optional starting latents / images are
 traced, so a new prompt or seed reuses the compiled code. Its inputs are
 checked (`check_inputs`) before tracing: a bad one is a ValueError naming it,
 never an error inside XLA.
+
+Token ids are range-checked too: numpy arrays on the host, concrete
+``jax.Array`` ids by one small reduction whose [min, max] is read back (a
+few bytes from the device per call, before the sampling program is
+dispatched). Ids traced by an outer ``jax.jit`` cannot be checked before
+the program runs; inside it, each image whose prompt or negative prompt has
+an id outside the vocabulary comes back all NaN (never a plausible wrong
+image): test ``jnp.isnan(images).any()`` where ids are traced.
 """
 
 import dataclasses
@@ -15,6 +23,7 @@ import functools
 import inspect
 from typing import Any, Callable, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,8 +109,20 @@ class Models:
         return batch, height // factor, width // factor, self.vae.latent_channels
 
 
+def _apply(models: Models, name: str, params: Any, *args, **kwargs) -> Any:
+    """``models.<name>.apply`` on ``params``; a param tree that does not fit the model is a ValueError naming
+    ``params['<name>']`` and the missing or misshapen parameter (raised while tracing, before anything runs)."""
+    module = getattr(models, name)
+    try:
+        return module.apply({"params": params}, *args, **kwargs)
+    except (flax.errors.ScopeParamNotFoundError, flax.errors.ScopeParamShapeError) as error:
+        message = str(error).split(" (https://", 1)[0].rstrip(".")
+        raise ValueError(f"params[{name!r}] does not fit models.{name} ({type(module).__name__}): {message}; "
+                         "load params and models together (Pipeline)") from None
+
+
 def _encode_text(models: Models, params: Any, ids: jax.Array) -> jax.Array:
-    hidden, _ = models.text_encoder.apply({"params": params}, ids)
+    hidden, _ = _apply(models, "text_encoder", params, ids)
     return hidden
 
 
@@ -116,7 +137,7 @@ def _guided_model(models: Models, unet_params: Any, context: jax.Array, guidance
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         x_in = jnp.concatenate([x, x]) if guided else x
         t_in = jnp.broadcast_to(t, (x_in.shape[0],))
-        out = models.unet.apply({"params": unet_params}, x_in.astype(models.unet.dtype), t_in, context)
+        out = _apply(models, "unet", unet_params, x_in.astype(models.unet.dtype), t_in, context)
         out = out.astype(x.dtype)
         if not guided:
             return out
@@ -166,8 +187,10 @@ def _sample(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Arra
         freezes a mapping into sorted pairs, so equal options share a program.
       steps, guidance_scale, height, width, strength: as in diffusers' pipelines
         (``strength`` needs ``init_image``). Unlike diffusers, a
-        ``guidance_scale`` below 1 still applies guidance; only exactly 1 skips
-        the unconditional half.
+        ``guidance_scale`` in [0, 1) still applies guidance (0: the
+        unconditional prediction); only exactly 1 skips the unconditional half.
+        Negative scales are refused: to steer away from a prompt, give it as
+        ``uncond_ids``.
       sample_posterior: encode ``init_image`` to a sample of the VAE posterior
         (drawn from ``rng``, as diffusers does) or, if False, to its mode (the
         mean: diffusers' ``sample_mode="argmax"``), which makes img2img and
@@ -177,7 +200,8 @@ def _sample(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Arra
 
     Returns:
       images [B, height, width, 3] float32 in [0, 1], and the final latents if
-      ``return_latents``.
+      ``return_latents``; both all NaN for a prompt whose ids leave the
+      vocabulary (reachable only when an outer jit traces the ids).
     """
     sampler_ = samplers.make_sampler(sampler, models.scheduler_config, steps, **dict(sampler_options))
     shape = models.latent_shape(cond_ids.shape[0], height, width)
@@ -193,7 +217,7 @@ def _sample(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Arra
     start, x0, after_step = 0, None, None
     x = latents * sampler_.init_noise_sigma
     if init_image is not None:
-        posterior = models.vae.apply({"params": params["vae"]}, init_image, method="encode")
+        posterior = _apply(models, "vae", params["vae"], init_image, method="encode")
         x0 = (posterior.sample(posterior_key) if sample_posterior else posterior.mode()) * models.scale_factor
         start = _start_step(sampler_.num_steps, strength)
         if mask is None or strength < 1.0:
@@ -204,9 +228,19 @@ def _sample(params: Mapping[str, Any], cond_ids: jax.Array, uncond_ids: jax.Arra
     z = samplers.sample_loop(sampler_, model_fn, x, start=start, rng=noise_key, after_step=after_step)
     if mask is not None:
         z = mask * z + (1.0 - mask) * x0
-    images = models.vae.apply({"params": params["vae"]}, z / models.scale_factor, method="decode")
+    images = _apply(models, "vae", params["vae"], z / models.scale_factor, method="decode")
     images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    valid = _in_vocabulary(cond_ids, models.text_encoder.vocab_size)
+    if guidance_scale != 1.0:
+        valid &= _in_vocabulary(uncond_ids, models.text_encoder.vocab_size)
+    images = jnp.where(valid[:, None, None, None], images, jnp.nan)
+    z = jnp.where(valid[:, None, None, None], z, jnp.nan)
     return (images, z) if return_latents else images
+
+
+def _in_vocabulary(ids: jax.Array, vocab_size: int) -> jax.Array:
+    """bool [B]: whether every id of each row is in ``[0, vocab_size)`` (a negative id would otherwise wrap)."""
+    return jnp.all((ids >= 0) & (ids < vocab_size), axis=1)
 
 
 def _restore_known_region(sampler_: Any, x0: jax.Array, latents: jax.Array, mask: jax.Array) -> Callable:
@@ -232,8 +266,13 @@ def _shape(value: Any) -> tuple[int, ...] | None:
 
 
 def _check_ids(name: str, ids: Any, vocab_size: int) -> None:
-    """Token ids: int [B, L]; values in range when they are host (numpy) arrays."""
-    shape, dtype = _shape(ids), np.dtype(ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype)
+    """Token ids: an int array [B, L]; values in range when they are host (numpy) arrays (`_check_id_values`
+    checks concrete jax.Arrays)."""
+    if not (hasattr(ids, "shape") and hasattr(ids, "dtype")):
+        raise ValueError(f"{name} must be an array of token ids [batch, length] (numpy or jax), got "
+                         f"{type(ids).__name__} (np.asarray(ids, np.int32) converts a list; ldm_jax.tokenize "
+                         "makes one from text)")
+    shape, dtype = _shape(ids), np.dtype(ids.dtype)
     if len(shape) != 2:
         raise ValueError(f"{name} must be token ids of shape [batch, length], got shape {shape}")
     if not np.issubdtype(dtype, np.integer):
@@ -241,6 +280,28 @@ def _check_ids(name: str, ids: Any, vocab_size: int) -> None:
     if isinstance(ids, np.ndarray) and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ValueError(f"{name} holds token ids in [{ids.min()}, {ids.max()}], outside the text encoder's "
                          f"vocabulary [0, {vocab_size})")
+
+
+@jax.jit
+def _id_ranges(ids: tuple[jax.Array, ...]) -> jax.Array:
+    """int [len(ids), 2]: [min, max] of each token id array, in one small program."""
+    return jnp.stack([jnp.stack([jnp.min(a), jnp.max(a)]) for a in ids])
+
+
+def _check_id_values(named_ids: dict[str, Any], vocab_size: int) -> None:
+    """ValueError naming the argument when a concrete jax.Array of token ids leaves ``[0, vocab_size)``.
+
+    One reduction over all of them and one read of its few bytes back to the
+    host; traced ids (under an outer jit) have no values yet and are skipped.
+    """
+    concrete = {name: ids for name, ids in named_ids.items()
+                if isinstance(ids, jax.Array) and not isinstance(ids, jax.core.Tracer) and ids.size}
+    if not concrete:
+        return
+    for name, (low, high) in zip(concrete, np.asarray(_id_ranges(tuple(concrete.values())))):
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} holds token ids in [{low}, {high}], outside the text encoder's vocabulary "
+                             f"[0, {vocab_size})")
 
 
 def _check_image(image: Any, shape: tuple[int, int, int, int]) -> None:
@@ -269,8 +330,9 @@ def check_inputs(params: Mapping[str, Any], cond_ids: Any, uncond_ids: Any, rng:
     """ValueError naming the argument and its value for any input `sample_fn` cannot run on.
 
     Checks the settings (sampler name, step count, guidance, size, strength)
-    and the shapes and dtypes of the arrays, plus the token id range of host
-    arrays; `sample_fn` runs it before tracing, so no bad input reaches XLA.
+    and the shapes and dtypes of the arrays, plus the token id range of
+    concrete arrays (numpy, and jax.Arrays by a small device reduction);
+    `sample_fn` runs it before tracing, so no bad input reaches XLA.
     """
     del sample_posterior, return_latents
     if not isinstance(models, Models):
@@ -291,6 +353,10 @@ def check_inputs(params: Mapping[str, Any], cond_ids: Any, uncond_ids: Any, rng:
         raise ValueError(f"sampler {sampler!r} with {where}: {error}") from None
     if not _is_real(guidance_scale) or not np.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 (0: the unconditional prediction, 1: no guidance, above 1: "
+                         f"stronger guidance), got {guidance_scale!r}; to steer away from a prompt, give it as "
+                         "uncond_ids")
     for name, size in (("height", height), ("width", width)):
         if not _is_int(size) or size < 1:
             raise ValueError(f"{name} must be a positive integer, got {size!r}")
@@ -308,6 +374,7 @@ def check_inputs(params: Mapping[str, Any], cond_ids: Any, uncond_ids: Any, rng:
     elif guidance_scale != 1.0:
         raise ValueError(f"guidance_scale {guidance_scale} needs uncond_ids (the negative or empty prompts); "
                          "only guidance_scale=1 runs without them")
+    _check_id_values({"cond_ids": cond_ids, "uncond_ids": uncond_ids}, models.text_encoder.vocab_size)
     typed = hasattr(rng, "dtype") and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
     if not ((typed and _shape(rng) == ()) or (hasattr(rng, "dtype") and rng.dtype == np.uint32
                                                   and _shape(rng) == (2,))):

@@ -96,13 +96,17 @@ def _settings(name: str, config: Mapping[str, Any], options: Mapping[str, Any], 
               supported: Mapping[str, tuple]) -> dict:
     """The sampler's settings: ``options`` over ``config`` over ``defaults`` (a ``None`` value means default).
 
-    Raises ValueError for an option not in ``defaults``, a config/option value
-    outside ``supported[key]`` (``None`` means absent), or an unknown prediction type.
+    Raises ValueError for an option not in ``defaults``, a non-bool value for a
+    bool setting, a config/option value outside ``supported[key]`` (``None``
+    means absent), or an unknown prediction type.
     """
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise ValueError(f"sampler {name!r} has no options {unknown}; valid: {sorted(defaults)}")
     merged = {**config, **options}
+    for key, default in defaults.items():  # a string such as 'no' would otherwise count as True
+        if isinstance(default, bool) and merged.get(key) is not None and not isinstance(merged[key], (bool, np.bool_)):
+            raise ValueError(f"sampler {name!r}: {key} must be True or False, got {merged[key]!r}")
     for key, allowed in supported.items():
         if merged.get(key) not in allowed:
             raise ValueError(f"sampler {name!r} does not support {key}={merged[key]!r} (supported: {allowed})")

@@ -18,25 +18,32 @@ reader that does not ask for them ignores: add their handlers to
 Params are restored into the abstract tree that the saved configs describe, so
 a checkpoint that does not fit its configs is reported key by key before any
 array is read.
+
+Every read goes through ``ldm_jax.training.damage.read_guarded``: a step whose
+files were damaged after it was committed fails as a `DamagedCheckpointError`
+naming its folder, the files and the error. The trainer moves such a step
+aside (``<step>.damaged``, which orbax does not list) and resumes from the
+newest step that reads back whole (`restore_latest_intact`).
 """
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from ldm_jax.models.clip import load_tokenizer
 from ldm_jax.pipeline import COMPONENTS, Pipeline, abstract_params, build_modules
+from ldm_jax.training.damage import DamagedCheckpointError, damaged, move_aside, read_guarded
 from ldm_jax.weights.convert import WeightsMismatchError
 
 PARAMS, CONFIG, STATE = "params", "config", "state"
 EMA_UNET = "ema_unet"
-
-
 def save_train_step(manager: ocp.CheckpointManager, step: int, params: dict[str, Any], state: Any,
                     config: dict[str, Any]) -> None:
     """Save ``params`` (by model name), the rest of the training ``state`` and a JSON ``config`` as ``step``.
@@ -57,7 +64,8 @@ def restore_train_step(manager: ocp.CheckpointManager, step: int, params: dict[s
     """
     restored_params = restore_params(manager, step, params, params_metadata(manager, step))
     restore = ocp.args.PyTreeRestore(state, restore_args=ocp.checkpoint_utils.construct_restore_args(state))
-    restored_state = manager.restore(step, args=ocp.args.Composite(**{STATE: restore}))[STATE]
+    restored_state = read_guarded(manager, step, lambda: jax.block_until_ready(manager.restore(
+        step, args=ocp.args.Composite(**{STATE: restore}))[STATE]))
     return restored_params, restored_state
 
 
@@ -83,14 +91,53 @@ def resume_step(manager: ocp.CheckpointManager, stage: str) -> int:
     return manager.latest_step() or 0
 
 
+def restore_latest_intact(manager: ocp.CheckpointManager, stage: str,
+                          restore: Callable[[int], Any]) -> tuple[int, Any]:
+    """``(step, restore(step))`` for the newest step that reads back whole, or ``(0, None)`` when none does.
+
+    Logs any unfinished save passed over (`resume_step`); a step that raises
+    `DamagedCheckpointError` (on any process) is logged (folder, file, error)
+    and moved aside (`move_aside`, by process 0), and the step before it is
+    tried.
+    """
+    step = resume_step(manager, stage)
+    while step:
+        try:
+            restored, error = restore(step), None
+        except DamagedCheckpointError as raised:
+            restored, error = None, raised
+        if not _on_any_process(error is not None):
+            return step, restored
+        if error is not None:
+            logging.error("%s: %s", stage, error)
+        if jax.process_index() == 0:
+            logging.error("%s: moved checkpoint step %d aside to %s; trying the step before it", stage, step,
+                          move_aside(manager, step))
+        multihost_utils.sync_global_devices(f"{stage}: checkpoint step {step} moved aside")
+        manager.reload()
+        step = manager.latest_step() or 0
+    return 0, None
+
+
+def _on_any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (each reads only its own shards, so damage may show on one)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """``ShapeDtypeStruct``s of ``tree``'s arrays placed on ``shardings`` (a matching tree): a restore target."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The JSON config item saved at ``step``."""
-    return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    """The JSON config item saved at ``step`` (`DamagedCheckpointError` when it does not read back)."""
+    config = read_guarded(manager, step, lambda: manager.restore(
+        step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG])
+    if not isinstance(config, dict):
+        raise damaged(manager, step, ValueError(f"its '{CONFIG}' item reads as {config!r}"))
+    return config
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -192,7 +239,10 @@ def check_fits(stored: Any, abstract: Any, *, what: str) -> None:
 
 def params_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The shapes and dtypes of the params item at ``step``, by component (no array is read)."""
-    return manager.item_metadata(step)[PARAMS].tree
+    metadata = read_guarded(manager, step, lambda: manager.item_metadata(step)[PARAMS])
+    if metadata is None:
+        raise damaged(manager, step, FileNotFoundError(f"its '{PARAMS}' item has no readable metadata"))
+    return metadata.tree
 
 
 def restore_params(manager: ocp.CheckpointManager, step: int, abstract: dict[str, Any],
@@ -210,7 +260,9 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract: dict[str
         check_fits(stored[name], tree, what=f"'{name}' params of checkpoint step {step} in {manager.directory}")
     restore = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
                                      partial_restore=True)
-    return manager.restore(step, args=ocp.args.Composite(**{PARAMS: restore}))[PARAMS]
+    # blocked on inside the guard: an array is whole only once every read of it has finished
+    return read_guarded(manager, step, lambda: jax.block_until_ready(manager.restore(
+        step, args=ocp.args.Composite(**{PARAMS: restore}))[PARAMS]))
 
 
 def read_configs(manager: ocp.CheckpointManager, step: int) -> dict[str, dict]:
@@ -227,6 +279,19 @@ def _abstract(module: Any, name: str, config: dict, sharding: jax.sharding.Shard
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def _restore_pipeline(manager: ocp.CheckpointManager, step: int, use_ema: bool, dtype: Any, param_dtype: Any,
+                      attention_impl: str) -> tuple[dict[str, dict], dict[str, Any], dict[str, Any]]:
+    """The configs, modules and params (EMA U-Net as 'ema_unet' when used) of ``step``."""
+    configs = read_configs(manager, step)
+    modules = build_modules(configs, dtype, param_dtype, attention_impl=attention_impl)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = {name: _abstract(modules[name], name, configs[name], sharding) for name in COMPONENTS}
+    stored = params_metadata(manager, step)
+    if use_ema and EMA_UNET in stored:
+        abstract[EMA_UNET] = abstract.pop("unet")
+    return configs, modules, restore_params(manager, step, abstract, stored)
+
+
 def load_pipeline(workdir: str, step: int | None = None, *, use_ema: bool = True, dtype: Any = jnp.float32,
                   param_dtype: Any = jnp.float32, attention_impl: str = "auto") -> Pipeline:
     """The `Pipeline` saved as checkpoint ``step`` of ``workdir`` (the latest step for None).
@@ -235,18 +300,18 @@ def load_pipeline(workdir: str, step: int | None = None, *, use_ema: bool = True
     ``use_ema``; ``dtype`` is the compute dtype, ``param_dtype`` that of the
     restored params (on the first local device); ``attention_impl`` the
     attention kernel (``ldm_jax.models.attention``). The tokenizer comes from
-    ``WORKDIR/tokenizer`` (None when absent).
+    ``WORKDIR/tokenizer`` (None when absent). A damaged step is a
+    `DamagedCheckpointError` that names it and lists the other saved steps.
     """
     step = resolve_step(workdir, step)
     with checkpoint_manager(workdir, keep=None, create=False) as manager:
-        configs = read_configs(manager, step)
-        modules = build_modules(configs, dtype, param_dtype, attention_impl=attention_impl)
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = {name: _abstract(modules[name], name, configs[name], sharding) for name in COMPONENTS}
-        stored = params_metadata(manager, step)
-        if use_ema and EMA_UNET in stored:
-            abstract[EMA_UNET] = abstract.pop("unet")
-        params = restore_params(manager, step, abstract, stored)
+        try:
+            configs, modules, params = _restore_pipeline(manager, step, use_ema, dtype, param_dtype, attention_impl)
+        except DamagedCheckpointError as error:
+            others = [s for s in available_steps(workdir) if s != step]
+            hint = (f"; the other saved steps are {', '.join(map(str, others))} (choose one with step=N, "
+                    "--step N on the command line)") if others else "; it is the only saved step"
+            raise DamagedCheckpointError(f"{error}{hint}") from error
     if EMA_UNET in params:
         params["unet"] = params.pop(EMA_UNET)
     tokenizer_dir = os.path.join(workdir, "tokenizer")

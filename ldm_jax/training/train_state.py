@@ -62,6 +62,9 @@ def learning_rate_schedule(config: Mapping[str, Any], steps: int) -> optax.Sched
 def make_optimizer(config: Mapping[str, Any], steps: int) -> optax.GradientTransformation:
     """Adam(W) with the section's schedule, clipping and accumulation; ``steps`` is the run's length.
 
+    ``steps`` and ``warmup_steps`` count trainer steps (calls of the step), also when ``accumulate`` k makes one
+    update of every k of them.
+
     Raises KeyError naming unknown keys of the section.
     """
     unknown = sorted(set(config) - set(OPTIMIZER_DEFAULTS))
@@ -71,6 +74,11 @@ def make_optimizer(config: Mapping[str, Any], steps: int) -> optax.GradientTrans
     if config["accumulate"] < 1:
         raise ValueError(f"optimizer.accumulate must be >= 1, got {config['accumulate']}")
     schedule = learning_rate_schedule(config, steps)
+    if config["accumulate"] > 1:
+        # optax counts updates, the config counts trainer steps (k per update): update u is at trainer step u * k,
+        # so accumulating k batches of B follows the schedule of a run of steps / k with batches of k * B.
+        by_step, every = schedule, config["accumulate"]
+        schedule = lambda update: by_step(update * every)
     parts = [optax.clip_by_global_norm(config["grad_clip"])] if config["grad_clip"] > 0 else []
     parts.append(optax.adamw(schedule, b1=config["b1"], b2=config["b2"], eps=config["eps"],
                              weight_decay=config["weight_decay"]))
@@ -86,6 +94,15 @@ def ema_decay(step: jax.Array, max_decay: float, warmup: bool = True) -> jax.Arr
         return jnp.asarray(max_decay, jnp.float32)
     step = jnp.asarray(step, jnp.float32)
     return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
+
+
+def applied_update(old_opt_state: Any, new_opt_state: Any, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Whether the optimizer update from ``old_opt_state`` to ``new_opt_state`` changed the params, and the index
+    of that update: with ``accumulate`` k only every k-th call does (the EMA follows updates, as on one k times
+    larger batch); without, every call does and its index is the trainer ``step``."""
+    if isinstance(new_opt_state, optax.MultiStepsState):
+        return new_opt_state.gradient_step > old_opt_state.gradient_step, old_opt_state.gradient_step
+    return jnp.bool_(True), step
 
 
 def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:

@@ -37,11 +37,16 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file; bfloat16 (which numpy lacks) is read as ml_dtypes.bfloat16."""
+    """All tensors of a safetensors file; bfloat16 (which numpy lacks) is read as ml_dtypes.bfloat16.
+
+    A truncated, empty or otherwise unreadable file is a ValueError naming it.
+    """
     try:
         return safetensors.numpy.load_file(path)
     except TypeError:  # "data type 'bfloat16' not understood"
         pass
+    except safetensors.SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {error}") from error
     import ml_dtypes  # installed with jax
     dtypes = {**_SAFETENSORS_DTYPES, "BF16": ml_dtypes.bfloat16}
     with open(path, "rb") as f:
@@ -55,6 +60,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if info["dtype"] not in dtypes:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
+        if end > len(data):
+            raise ValueError(f"{path} is truncated: tensor {name} ends at byte {end} of {len(data)} data bytes")
         out[name] = np.frombuffer(data[begin:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
     return out
 

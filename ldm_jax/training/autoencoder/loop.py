@@ -5,7 +5,8 @@ Checkpoints go to ``WORKDIR/autoencoder/checkpoints/<step>/`` with the items
 and ``config`` ({'configs': {'vae': ...}, 'scale_factor': ..., 'eval': ...}).
 The scale factor is 1 / std of posterior samples of the first training
 batch under the VAE being saved (LDM's ``scale_by_std``), recomputed at every
-save. A run resumes from the latest checkpoint of its workdir. Everything the
+save. A run resumes from the latest checkpoint of its workdir that reads back
+whole (a damaged one is moved aside: ``checkpoints.restore_latest_intact``). Everything the
 loop runs (modules, optimizers, the sharded state, the jitted steps, save and
 restore) is built by ``ldm_jax.training.autoencoder.state``.
 """
@@ -72,14 +73,15 @@ def train_autoencoder(config: Mapping[str, Any], workdir: str, stop: StopRequest
                                              parallel.axis_rules(config["mesh"]))
 
     manager = checkpoints.checkpoint_manager(folder, keep=ae["keep"])
-    start = checkpoints.resume_step(manager, "stage 1")
+    start, restored = checkpoints.restore_latest_intact(manager, "stage 1", lambda step: (
+        ae_state.restore_state(manager, step, state, shardings), checkpoints.read_config(manager, step)))
     if start >= ae["steps"]:
         logging.info("stage 1: %s already holds step %d of %d; nothing to train", folder, start, ae["steps"])
-        return checkpoints.read_config(manager, start)["eval"]
+        return restored[1]["eval"]
     skips = 0
     if start:
-        state = ae_state.restore_state(manager, start, state, shardings)
-        skips = checkpoints.read_config(manager, start).get("nonfinite_skips", 0)
+        state, saved = restored
+        skips = saved.get("nonfinite_skips", 0)
         logging.info("stage 1: resumed from step %d in %s", start, folder)
     tracker = NonFiniteTracker(ae["nan_policy"], stage="stage 1", policy_key="autoencoder.nan_policy",
                                previous=skips)

@@ -112,18 +112,21 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
     mesh, batch_size = stage.mesh, d["batch_size"] or config["data"]["batch_size"]
     logging.info("stage 2: the U-Net runs on %d slice(s) of each device's batch%s", stage.batch_slices,
                  ", as concurrent programs" if stage.batch_slices > 1 else "")
-    schedule = learning_rate_schedule({**OPTIMIZER_DEFAULTS, **d["optimizer"]}, d["steps"])
+    optimizer = {**OPTIMIZER_DEFAULTS, **d["optimizer"]}
+    schedule, every = learning_rate_schedule(optimizer, d["steps"]), optimizer["accumulate"]
     rng = jax.random.key(config["seed"])
     state, frozen = stage.init(jax.random.fold_in(rng, 0), inputs.pretrained)
     manager = checkpoints.checkpoint_manager(workdir, keep=d["keep"])
-    start = checkpoints.resume_step(manager, "stage 2")
+    start, restored = checkpoints.restore_latest_intact(manager, "stage 2", lambda step: (
+        diffusion_state.restore_state(manager, step, stage.task, state, frozen, stage.shardings),
+        checkpoints.read_config(manager, step)))
     if start >= d["steps"]:
         logging.info("stage 2: %s already holds step %d of %d; nothing to train", workdir, start, d["steps"])
         return {}
     skips = 0
     if start:
-        state, frozen = diffusion_state.restore_state(manager, start, stage.task, state, frozen, stage.shardings)
-        skips = checkpoints.read_config(manager, start).get("nonfinite_skips", 0)
+        (state, frozen), saved = restored
+        skips = saved.get("nonfinite_skips", 0)
         logging.info("stage 2: resumed from step %d in %s", start, workdir)
     tracker = NonFiniteTracker(d["nan_policy"], stage="stage 2", policy_key="diffusion.nan_policy", previous=skips)
 
@@ -183,8 +186,10 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
             preempted = stop is not None and stop.should_stop(done)
             if done % d["log_every"] == 0 or last or preempted:
                 elapsed = time.time() - started
+                # lr: the rate of this step's update; with ``accumulate`` k, the schedule at the update's first step
                 rates = {"steps_per_sec": (done - timed_from) / elapsed,
-                         "images_per_sec": (done - timed_from) * batch_size / elapsed, "lr": schedule(step),
+                         "images_per_sec": (done - timed_from) * batch_size / elapsed,
+                         "lr": schedule(step // every * every),
                          "nonfinite_skips": tracker.check(manager.latest_step())}
                 written = deferred.push(done, {**metrics, **rates})
                 if written:

@@ -22,7 +22,7 @@ import optax
 
 from ldm_jax.diffusion import schedule as sched
 from ldm_jax.training.nonfinite import is_finite, keep_if_finite
-from ldm_jax.training.train_state import TrainState, ema_decay, ema_update, global_norm
+from ldm_jax.training.train_state import TrainState, applied_update, ema_decay, ema_update, global_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +205,8 @@ def apply_gradients(task: DiffusionTask, optimizer: optax.GradientTransformation
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
     if ema:
-        decay = ema_decay(state.step, task.ema_decay, task.ema_warmup)
+        applied, update = applied_update(state.opt_state, opt_state, state.step)
+        decay = jnp.where(applied, ema_decay(update, task.ema_decay, task.ema_warmup), 1.0)
         ema = {**ema, "unet": ema_update(ema["unet"], params["unet"], decay)}
     grad_norm = global_norm(grads)
     finite = is_finite(metrics["loss"], grad_norm)
