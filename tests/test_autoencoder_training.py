@@ -210,7 +210,6 @@ def test_train_and_encode_latents_commands(shapes_dir, tmp_path):
     assert typo.returncode != 0 and "autoencoder has no key 'step'; did you mean autoencoder.steps?" in typo.stderr
 
 
-@pytest.mark.slow  # two stage-1 runs, ~100 s (CI time budget): run with -m slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_stage1_non_finite_steps_follow_the_nan_policy(shapes_dir, tmp_path, policy):
     """A learning rate of 1e30 overflows the VAE after its first update: 'stop' names the step and keeps the
