@@ -6,18 +6,18 @@ models from a config, and writes the diffusers layout back.
 """
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from transformers import CLIPTokenizer
 
 from ldm_jax.weights import convert, diffusers_folder, single_file
 
 
 from ldm_jax.diffusion.sample_fn import Models
-from ldm_jax.models.clip import CLIPTextModel, load_tokenizer, normalize_state_dict
+from ldm_jax.models.clip import CLIPTextModel, load_tokenizer, normalize_state_dict, write_tokenizer
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.models.vae import AutoencoderKL, scaling_factor
 
@@ -133,13 +133,13 @@ class Pipeline:
         ``attention_impl`` picks the attention kernel of all three models
         (``ldm_jax.models.attention``).
         """
-        if os.path.isfile(path):
+        if epath.Path(path).is_file():
             configs, states = single_file.load_single_file(path, overrides=overrides)
             tokenizer = None
-        elif os.path.isdir(path):
+        elif epath.Path(path).is_dir():
             configs, states = _read_folder(path, variant, overrides or {})
-            tokenizer_dir = os.path.join(path, "tokenizer")
-            tokenizer = load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
+            tokenizer_dir = epath.Path(path) / "tokenizer"
+            tokenizer = load_tokenizer(str(tokenizer_dir)) if tokenizer_dir.is_dir() else None
         else:
             raise FileNotFoundError(f"no pretrained pipeline at {path}: expected a diffusers folder "
                                     "(unet/, vae/, text_encoder/, scheduler/) or a single-file .safetensors")
@@ -154,17 +154,17 @@ class Pipeline:
                    "vae": self.vae.diffusers_config(scaling_factor=self.scale_factor),
                    "text_encoder": self.text_encoder.transformers_config()}
         for name in COMPONENTS:
-            folder = os.path.join(path, name)
-            os.makedirs(folder, exist_ok=True)
-            diffusers_folder.write_json(os.path.join(folder, "config.json"), configs[name])
-            diffusers_folder.write_state_dict(os.path.join(folder, WEIGHT_FILES[name]),
+            folder = epath.Path(path) / name
+            folder.mkdir(parents=True, exist_ok=True)
+            diffusers_folder.write_json(str(folder / "config.json"), configs[name])
+            diffusers_folder.write_state_dict(str(folder / WEIGHT_FILES[name]),
                                               convert.params_to_state_dict(self.params[name]))
-        os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
-        diffusers_folder.write_json(os.path.join(path, "scheduler", "scheduler_config.json"),
+        (epath.Path(path) / "scheduler").mkdir(parents=True, exist_ok=True)
+        diffusers_folder.write_json(str(epath.Path(path) / "scheduler" / "scheduler_config.json"),
                                     {"_class_name": "DDIMScheduler", **self.scheduler_config})
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-        diffusers_folder.write_json(os.path.join(path, "model_index.json"), MODEL_INDEX)
+            write_tokenizer(self.tokenizer, str(epath.Path(path) / "tokenizer"))
+        diffusers_folder.write_json(str(epath.Path(path) / "model_index.json"), MODEL_INDEX)
 
     def save_single_file(self, path: str) -> None:
         """Write one original-layout SD ``.safetensors`` (as released by CompVis / Stability)."""
@@ -180,16 +180,17 @@ def load_vae(path: str, *, attention_impl: str = "auto") -> tuple[AutoencoderKL,
     loaded whole (the VAE is one part of the file). ``attention_impl`` picks
     the attention kernel (``ldm_jax.models.attention``).
     """
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
         pipe = Pipeline.from_pretrained(path, attention_impl=attention_impl)
         return pipe.vae, pipe.params["vae"], pipe.scale_factor
-    folder = os.path.join(path, "vae")
-    if not os.path.isdir(folder):
+    folder = epath.Path(path) / "vae"
+    if not folder.is_dir():
         raise ValueError(f"{path} is not a diffusers pipeline folder: it has no vae/ (found "
-                         f"{sorted(os.listdir(path)) if os.path.isdir(path) else 'nothing'})")
-    config = diffusers_folder.read_json(os.path.join(folder, "config.json"))
+                         f"{_listing(path) if epath.Path(path).is_dir() else 'nothing'})")
+    config = diffusers_folder.read_json(str(folder / "config.json"))
     module = AutoencoderKL.from_diffusers_config(config, attention_impl=attention_impl)
-    params = _params_from_state(module, "vae", config, diffusers_folder.read_state_dict(folder), f"{path}: vae")
+    params = _params_from_state(module, "vae", config, diffusers_folder.read_state_dict(str(folder)),
+                                f"{path}: vae")
     return module, params, scaling_factor(config)
 
 
@@ -199,15 +200,20 @@ def _params_from_state(module, name: str, config: dict, state: dict, what: str, 
         state, abstract_params(module, name, config), what=what, dtype=dtype))
 
 
+def _listing(folder: str) -> list[str]:
+    """The names in ``folder``, sorted (for error messages)."""
+    return sorted(p.name for p in epath.Path(folder).iterdir())
+
+
 def _read_folder(path: str, variant: str | None, overrides: dict[str, dict]) -> tuple[dict, dict]:
-    missing = [name for name in COMPONENTS + ("scheduler",) if not os.path.isdir(os.path.join(path, name))]
+    folder = epath.Path(path)
+    missing = [name for name in COMPONENTS + ("scheduler",) if not (folder / name).is_dir()]
     if missing:
-        raise ValueError(f"{path} is not a diffusers pipeline folder: missing {missing} "
-                         f"(found {sorted(os.listdir(path))})")
-    configs = {name: diffusers_folder.read_json(os.path.join(path, name, "config.json")) for name in COMPONENTS}
-    configs["scheduler"] = diffusers_folder.read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+        raise ValueError(f"{path} is not a diffusers pipeline folder: missing {missing} (found {_listing(path)})")
+    configs = {name: diffusers_folder.read_json(str(folder / name / "config.json")) for name in COMPONENTS}
+    configs["scheduler"] = diffusers_folder.read_json(str(folder / "scheduler" / "scheduler_config.json"))
     for name, update in overrides.items():
         configs[name] = {**configs[name], **update}
-    states = {name: diffusers_folder.read_state_dict(os.path.join(path, name), variant) for name in COMPONENTS}
+    states = {name: diffusers_folder.read_state_dict(str(folder / name), variant) for name in COMPONENTS}
     states["text_encoder"] = normalize_state_dict(states["text_encoder"])
     return configs, states

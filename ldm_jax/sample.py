@@ -13,7 +13,6 @@ Progress goes to stderr; the last line on stdout is the path written.
 
 import contextlib
 import math
-import os
 import sys
 import time
 import warnings
@@ -89,7 +88,7 @@ def load() -> Pipeline:
     The params are placed on the first local device either way (a checkpoint
     restores them there), so both sources give the same compiled program.
     """
-    if _TOKENIZER.value is not None and not os.path.isdir(_TOKENIZER.value):
+    if _TOKENIZER.value is not None and not epath.Path(_TOKENIZER.value).is_dir():
         raise InputError(f"--tokenizer {_TOKENIZER.value} is not a folder: give a CLIP tokenizer folder "
                          "(vocab.json, merges.txt), e.g. a diffusers pipeline's tokenizer/")
     dtype = jnp.dtype(_DTYPE.value)

@@ -35,7 +35,6 @@ Captions may be empty (a ``null`` caption in captions.jsonl counts as empty).
 import atexit
 import dataclasses
 import json
-import os
 import tempfile
 import threading
 import warnings
@@ -350,10 +349,10 @@ def folder_entries(folder: str) -> list[tuple[str, str]]:
     recursively, sorted by path. A missing caption or malformed line is a
     ValueError naming it.
     """
-    captions_file = os.path.join(folder, CAPTIONS_FILE)
-    if os.path.exists(captions_file):
-        return _jsonl_entries(captions_file)
-    images = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+    captions_file = epath.Path(folder) / CAPTIONS_FILE
+    if captions_file.exists():
+        return _jsonl_entries(str(captions_file))
+    images = sorted(str(root / name) for root, _, names in epath.Path(folder).walk() for name in names
                     if name.lower().endswith(IMAGE_EXTENSIONS))
     if not images:
         raise FileNotFoundError(f"no {CAPTIONS_FILE} and no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
@@ -362,15 +361,15 @@ def folder_entries(folder: str) -> list[tuple[str, str]]:
 
 def _jsonl_entries(captions_file: str) -> list[tuple[str, str]]:
     """(image path, caption) for each line of a captions.jsonl; paths are relative to its folder."""
-    folder, entries = os.path.dirname(captions_file), []
-    with open(captions_file) as f:
+    folder, entries = epath.Path(captions_file).parent, []
+    with epath.Path(captions_file).open() as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
                 caption = record["caption"]
-                entries.append((os.path.join(folder, record["file"]), "" if caption is None else str(caption)))
+                entries.append((str(folder / record["file"]), "" if caption is None else str(caption)))
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"{captions_file} line {number}: expected a JSON object with 'file' and "
                                  f"'caption', got {line.strip()!r} ({error!r})") from error
@@ -379,12 +378,11 @@ def _jsonl_entries(captions_file: str) -> list[tuple[str, str]]:
 
 def _read_caption(image_path: str) -> str:
     """The caption in the .txt file beside ``image_path`` (same name, .txt extension), stripped."""
-    caption_path = os.path.splitext(image_path)[0] + ".txt"
-    if not os.path.exists(caption_path):
+    caption_path = epath.Path(image_path).with_suffix(".txt")
+    if not caption_path.exists():
         raise ValueError(f"image {image_path} has no caption: {caption_path} is missing (and there is no "
                          f"{CAPTIONS_FILE})")
-    with open(caption_path) as f:
-        return f.read().strip()
+    return caption_path.read_text().strip()
 
 
 def _readable(paths: list[str]) -> np.ndarray:

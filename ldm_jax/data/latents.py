@@ -35,21 +35,19 @@ only on (seed, host, k) and a resumed run continues the same order.
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import math
-import os
-import shutil
 from typing import Any, Callable, Mapping
 
 import flax
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from ldm_jax import parallel
+from ldm_jax import parallel, paths
 from ldm_jax.parallel import host_range
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.pipeline import abstract_params
@@ -97,7 +95,7 @@ def fingerprint(params: Any) -> str:
 def frozen_vae(module: AutoencoderKL, params: Any, scale_factor: float, source: str,
                step: int | None = None) -> FrozenVAE:
     """A `FrozenVAE` whose reference names ``source`` (absolute path) and ``step``, with the params' fingerprint."""
-    reference = {"source": os.path.abspath(source), "step": step, "fingerprint": fingerprint(params)}
+    reference = {"source": paths.absolute(source), "step": step, "fingerprint": fingerprint(params)}
     return FrozenVAE(module, params, float(scale_factor), reference)
 
 
@@ -108,11 +106,10 @@ def data_identity(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_manifest(folder: str) -> dict[str, Any] | None:
     """The cache's manifest, or None when ``folder`` has none (absent or interrupted build)."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(path):
+    path = epath.Path(folder) / MANIFEST
+    if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def check_manifest(manifest: Mapping[str, Any], vae: FrozenVAE, data: Mapping[str, Any], folder: str) -> None:
@@ -179,10 +176,10 @@ class _ShardWriter:
             self._write(self.pending)
 
     def _write(self, count: int) -> None:
-        stem = os.path.join(self.folder, f"{self.process:05d}-{self.shards:05d}")
+        stem = f"{self.process:05d}-{self.shards:05d}"
         for name, parts in self.rows.items():
             merged = np.concatenate(parts)
-            np.save(f"{stem}.{name}.npy", merged[:count])
+            paths.save_npy(epath.Path(self.folder) / f"{stem}.{name}.npy", merged[:count])
             self.rows[name] = [merged[count:]]
         self.pending -= count
         self.shards += 1
@@ -205,8 +202,8 @@ def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: 
     batches = int(np.max(multihost_utils.process_allgather(np.asarray(math.ceil(iterator.size / per_host)))))
     batch_sharding = parallel.batch_sharding(mesh)
     encode, params = encode_fn(vae, mesh, config["mesh"]["frozen"], parallel.axis_rules(config["mesh"]))
-    out = os.path.join(folder, split)
-    os.makedirs(out, exist_ok=True)
+    out = epath.Path(folder) / split
+    out.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out, jax.process_index(), config["latents"]["shard_size"])
     image_shape = (data["image_size"], data["image_size"], vae.module.in_channels)
     written = 0
@@ -232,16 +229,17 @@ def encode_split(config: Mapping[str, Any], vae: FrozenVAE, folder: str, split: 
 
 def _list_shards(folder: str, split: str) -> list[list]:
     """[[stem, rows], ...] of a split's shards in (process, shard) order."""
-    stems = sorted(p[: -len(".mean.npy")] for p in glob.glob(os.path.join(folder, split, "*.mean.npy")))
-    return [[os.path.relpath(stem, folder), int(np.load(f"{stem}.mean.npy", mmap_mode="r").shape[0])]
+    stems = sorted(p.name[: -len(".mean.npy")] for p in (epath.Path(folder) / split).glob("*.mean.npy"))
+    return [[f"{split}/{stem}", int(paths.load_npy(epath.Path(folder) / split / f"{stem}.mean.npy").shape[0])]
             for stem in stems]
 
 
-def _open_shard_file(path: str, rows: int) -> np.ndarray:
-    """``path`` memory-mapped; CacheDamagedError naming it when it does not read or lacks ``rows`` rows."""
-    fix = f"move {os.path.dirname(os.path.dirname(path))} aside (or delete it) to rebuild the cache"
+def _open_shard_file(path: epath.Path, rows: int) -> np.ndarray:
+    """``path`` memory-mapped (read whole when remote); CacheDamagedError naming it when it does not read or lacks
+    ``rows`` rows."""
+    fix = f"move {path.parent.parent} aside (or delete it) to rebuild the cache"
     try:
-        array = np.load(path, mmap_mode="r")
+        array = paths.load_npy(path)
     except (OSError, ValueError, EOFError) as error:
         raise CacheDamagedError(f"latent cache file {path} is damaged ({type(error).__name__}: {error}); "
                                 f"{fix}") from error
@@ -255,10 +253,16 @@ def open_split(folder: str, manifest: Mapping[str, Any], split: str) -> dict[str
     """Every cached field of ``split``, one memory-mapped array per shard of the manifest, each checked to read
     and to hold the rows the manifest lists (CacheDamagedError naming the first file that does not)."""
     shards = manifest["splits"][split]["shards"]
-    tokenized = glob.glob(os.path.join(folder, split, "*.input_ids.npy"))
+    tokenized = any((epath.Path(folder) / split).glob("*.input_ids.npy"))
     fields = (*FIELDS, "input_ids") if tokenized else FIELDS
-    return {field: [_open_shard_file(os.path.join(folder, f"{stem}.{field}.npy"), rows) for stem, rows in shards]
+    return {field: [_open_shard_file(epath.Path(folder) / f"{stem}.{field}.npy", rows) for stem, rows in shards]
             for field in fields}
+
+
+def _remove_tree(folder: epath.Path) -> None:
+    """Delete ``folder`` and everything in it, if it exists."""
+    if folder.exists():
+        folder.rmtree()
 
 
 def build_cache(config: Mapping[str, Any], vae: FrozenVAE, folder: str, splits: list[str],
@@ -269,22 +273,19 @@ def build_cache(config: Mapping[str, Any], vae: FrozenVAE, folder: str, splits: 
                             "data": data_identity(config["data"]), "splits": {}}
     for split in splits:
         if jax.process_index() == 0:
-            shutil.rmtree(os.path.join(folder, split), ignore_errors=True)  # leftovers of an interrupted build
+            _remove_tree(epath.Path(folder) / split)  # leftovers of an interrupted build
         multihost_utils.sync_global_devices(f"latent cache: clear {split}")
         rows, skipped = encode_split(config, vae, folder, split, mesh)
         logging.info("latent cache: process %d wrote %d %s examples to %s", jax.process_index(), rows, split, folder)
         multihost_utils.sync_global_devices(f"latent cache: encoded {split}")
         skipped = int(np.sum(multihost_utils.process_allgather(np.asarray(skipped))))
         shards = _list_shards(folder, split)
-        first = np.load(os.path.join(folder, f"{shards[0][0]}.mean.npy"), mmap_mode="r")
+        first = paths.load_npy(epath.Path(folder) / f"{shards[0][0]}.mean.npy")
         manifest["latent_shape"] = list(first.shape[1:])
         manifest["splits"][split] = {"count": sum(n for _, n in shards), "shards": shards}
         manifest.setdefault("skipped", {})[split] = skipped
     if jax.process_index() == 0:
-        temporary = os.path.join(folder, MANIFEST + ".tmp")
-        with open(temporary, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(temporary, os.path.join(folder, MANIFEST))
+        paths.replace_text(epath.Path(folder) / MANIFEST, json.dumps(manifest, indent=1))
     multihost_utils.sync_global_devices("latent cache: manifest")
     return manifest
 
@@ -306,7 +307,7 @@ def ensure_cache(config: Mapping[str, Any], vae: FrozenVAE, folder: str, splits:
                 f"{s}: {manifest['splits'][s]['count']} examples" for s in splits))
             return manifest
         return build_cache(config, vae, folder, missing, manifest)
-    os.makedirs(folder, exist_ok=True)
+    epath.Path(folder).mkdir(parents=True, exist_ok=True)
     logging.info("latent cache: encoding %s into %s with the VAE %s", ", ".join(splits), folder,
                  vae.reference["source"])
     return build_cache(config, vae, folder, splits)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import paths
 from ldm_jax.models.attention import attention, check_attention_impl
 from ldm_jax.models.layers import Dtype, dense, gelu, layer_norm
 
@@ -253,9 +254,17 @@ def normalize_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_tokenizer(folder: str) -> Any:
-    """transformers' ``CLIPTokenizer`` from a folder holding vocab.json and merges.txt (a ``tokenizer/`` dir)."""
+    """transformers' ``CLIPTokenizer`` from a folder holding vocab.json and merges.txt (a ``tokenizer/`` dir),
+    local or remote (copied to a temporary folder first: transformers reads only local ones)."""
     from transformers import CLIPTokenizer  # imported here: only tokenization needs transformers
-    return CLIPTokenizer.from_pretrained(folder)
+    with paths.local_folder(folder) as local:
+        return CLIPTokenizer.from_pretrained(local)
+
+
+def write_tokenizer(tokenizer: Any, folder: str) -> None:
+    """Write ``tokenizer``'s files (``save_pretrained``) to ``folder``, local or remote."""
+    with paths.writable_folder(folder) as local:
+        tokenizer.save_pretrained(local)
 
 
 def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int | None = None) -> np.ndarray:

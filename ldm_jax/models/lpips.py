@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
+from ldm_jax import paths
 from ldm_jax.weights import convert
 from ldm_jax.models.layers import Dtype, conv
 
@@ -105,7 +105,7 @@ StateDict = Mapping[str, np.ndarray]
 
 def _as_state_dict(source: StateDict | str | os.PathLike) -> dict[str, np.ndarray]:
     if isinstance(source, (str, os.PathLike)):
-        return safetensors.numpy.load_file(source)
+        return paths.load_safetensors(source)
     return dict(source)
 
 

@@ -26,7 +26,6 @@ aside (``<step>.damaged``, which orbax does not list) and resumes from the
 newest step that reads back whole (`restore_latest_intact`).
 """
 
-import os
 from typing import Any, Callable
 
 import flax
@@ -35,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from ldm_jax.models.clip import load_tokenizer
+from ldm_jax import paths
+from ldm_jax.models.clip import load_tokenizer, write_tokenizer
 from ldm_jax.pipeline import COMPONENTS, Pipeline, abstract_params, build_modules
 from ldm_jax.training.damage import DamagedCheckpointError, damaged, move_aside, read_guarded
 from ldm_jax.weights.convert import WeightsMismatchError
@@ -142,7 +143,7 @@ def read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def checkpoint_dir(workdir: str) -> str:
     """The orbax CheckpointManager directory of ``workdir``."""
-    return os.path.join(workdir, "checkpoints")
+    return str(epath.Path(workdir) / "checkpoints")
 
 
 def item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -154,7 +155,7 @@ def item_handlers() -> dict[str, ocp.CheckpointHandler]:
 def checkpoint_manager(workdir: str, *, keep: int | None = 3, create: bool = True) -> ocp.CheckpointManager:
     """An orbax CheckpointManager over ``WORKDIR/checkpoints`` that keeps the newest ``keep`` steps (None: all)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    directory = os.path.abspath(checkpoint_dir(workdir))  # orbax needs absolute paths; workdirs may be relative
+    directory = paths.absolute(checkpoint_dir(workdir))  # orbax needs absolute paths; workdirs may be relative
     return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers())
 
 
@@ -177,7 +178,7 @@ def pipeline_save_args(pipeline: Pipeline, ema_unet: Any = None) -> dict[str, oc
 def save_tokenizer(workdir: str, tokenizer: Any) -> None:
     """Write the tokenizer files to ``WORKDIR/tokenizer`` (on the first process only; no-op for None)."""
     if tokenizer is not None and jax.process_index() == 0:
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+        write_tokenizer(tokenizer, str(epath.Path(workdir) / "tokenizer"))
 
 
 def save_pipeline(workdir: str, step: int, pipeline: Pipeline, *, ema_unet: Any = None, keep: int | None = 3) -> str:
@@ -190,14 +191,14 @@ def save_pipeline(workdir: str, step: int, pipeline: Pipeline, *, ema_unet: Any 
         manager.save(step, args=ocp.args.Composite(**pipeline_save_args(pipeline, ema_unet)))
         manager.wait_until_finished()
     save_tokenizer(workdir, pipeline.tokenizer)
-    return os.path.join(checkpoint_dir(workdir), str(step))
+    return str(epath.Path(checkpoint_dir(workdir)) / str(step))
 
 
 def available_steps(workdir: str) -> list[int]:
     """The saved steps of ``workdir``, oldest first; FileNotFoundError when there are none."""
     folder = checkpoint_dir(workdir)
     steps = []
-    if os.path.isdir(folder):
+    if epath.Path(folder).is_dir():
         with checkpoint_manager(workdir, keep=None, create=False) as manager:
             steps = sorted(manager.all_steps())
     if not steps:
@@ -314,6 +315,6 @@ def load_pipeline(workdir: str, step: int | None = None, *, use_ema: bool = True
             raise DamagedCheckpointError(f"{error}{hint}") from error
     if EMA_UNET in params:
         params["unet"] = params.pop(EMA_UNET)
-    tokenizer_dir = os.path.join(workdir, "tokenizer")
-    tokenizer = load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
+    tokenizer_dir = epath.Path(workdir) / "tokenizer"
+    tokenizer = load_tokenizer(str(tokenizer_dir)) if tokenizer_dir.is_dir() else None
     return Pipeline(**modules, params=params, configs=configs, tokenizer=tokenizer)

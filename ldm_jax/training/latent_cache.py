@@ -1,10 +1,10 @@
 """The frozen VAE of a run and its latent cache: find the VAE that ``vae_from`` names, build what is missing."""
 
-import os
 from typing import Any, Mapping
 
 import flax
 import jax
+from etils import epath
 
 from ldm_jax.data import latents
 from ldm_jax.models.vae import AutoencoderKL, scaling_factor
@@ -15,12 +15,12 @@ from ldm_jax.training.autoencoder.state import stage_dir
 
 def cache_folder(config: Mapping[str, Any], workdir: str) -> str:
     """``latents.dir``, or ``WORKDIR/latents`` when it is ''."""
-    return config["latents"]["dir"] or os.path.join(workdir, "latents")
+    return config["latents"]["dir"] or str(epath.Path(workdir) / "latents")
 
 
 def _from_autoencoder_run(run: str, attention_impl: str) -> latents.FrozenVAE:
     folder = stage_dir(run)
-    if not os.path.isdir(checkpoints.checkpoint_dir(folder)):
+    if not epath.Path(checkpoints.checkpoint_dir(folder)).is_dir():
         raise FileNotFoundError(f"no stage-1 checkpoint in {folder}: train the autoencoder first (add "
                                 "'autoencoder' to stages) or set vae_from to a trained VAE")
     step = checkpoints.resolve_step(folder)
@@ -45,7 +45,7 @@ def load_frozen_vae(config: Mapping[str, Any], workdir: str) -> latents.FrozenVA
     source, attention_impl = config["vae_from"] or config["init_from"], config["attention_impl"]
     if not source:
         return _from_autoencoder_run(workdir, attention_impl)
-    if os.path.isdir(os.path.join(source, "autoencoder")):
+    if (epath.Path(source) / "autoencoder").is_dir():
         return _from_autoencoder_run(source, attention_impl)
     module, params, scale = load_vae(source, attention_impl=attention_impl)
     return latents.frozen_vae(module, params, scale, source)

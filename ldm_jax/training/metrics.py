@@ -1,12 +1,14 @@
 """Training metrics: the console, a ``metrics.jsonl`` file and TensorBoard event files (on process 0 only)."""
 
 import json
-import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
+
+from ldm_jax import paths
 
 
 def _scalar(value: Any) -> float:
@@ -27,12 +29,12 @@ class MetricWriter:
         self.active = jax.process_index() == 0
         self._summary = None
         if self.active:
-            os.makedirs(folder, exist_ok=True)
+            epath.Path(folder).mkdir(parents=True, exist_ok=True)
 
     def _writer(self):
         if self._summary is None:
             import tensorflow as tf  # the data pipeline imports it already; loaded lazily for the rest
-            self._summary = tf.summary.create_file_writer(os.path.join(self.folder, "tensorboard"))
+            self._summary = tf.summary.create_file_writer(str(epath.Path(self.folder) / "tensorboard"))
         return self._summary
 
     def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "") -> dict[str, float]:
@@ -41,8 +43,7 @@ class MetricWriter:
         if not self.active:
             return values
         logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(values.items())))
-        with open(os.path.join(self.folder, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        _append_line(epath.Path(self.folder) / "metrics.jsonl", json.dumps({"step": int(step), **values}))
         import tensorflow as tf
         with self._writer().as_default(step=int(step)):
             for name, value in values.items():
@@ -58,17 +59,13 @@ class MetricWriter:
         Returns how many lines were dropped. The TensorBoard events are left as
         they are (TensorBoard shows the newest value of a step).
         """
-        path = os.path.join(self.folder, "metrics.jsonl")
-        if not self.active or not os.path.exists(path):
+        path = epath.Path(self.folder) / "metrics.jsonl"
+        if not self.active or not path.exists():
             return 0
-        with open(path) as f:
-            lines = [line for line in f if line.strip()]
+        lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
         kept = [line for line in lines if step and _step_of(line) is not None and _step_of(line) <= step]
         if len(kept) < len(lines):
-            temporary = path + ".tmp"
-            with open(temporary, "w") as f:
-                f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
-            os.replace(temporary, path)
+            paths.replace_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
             logging.info("metrics: dropped %d record(s) after step %d from %s", len(lines) - len(kept), step, path)
         return len(lines) - len(kept)
 
@@ -118,6 +115,19 @@ class DeferredWriter:
         return self.writer.write(step, metrics, prefix=self.prefix)
 
 
+def _append_line(path: epath.Path, line: str) -> None:
+    """Add ``line`` to the end of the text file ``path``.
+
+    Local files are appended to in place; remote stores have no append, so the
+    file is rewritten whole there (metrics.jsonl stays small: one line a log step).
+    """
+    if paths.is_local(path):
+        with path.open("a") as f:
+            f.write(line + "\n")
+    else:
+        paths.replace_text(path, (path.read_text() if path.exists() else "") + line + "\n")
+
+
 def _step_of(line: str) -> int | None:
     """The step of a metrics.jsonl line, None for a line that is not a whole record."""
     try:
@@ -128,8 +138,7 @@ def _step_of(line: str) -> int | None:
 
 def read_metrics(folder: str) -> list[dict[str, float]]:
     """The records of ``folder/metrics.jsonl`` in order ([] when absent)."""
-    path = os.path.join(folder, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(folder) / "metrics.jsonl"
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -14,11 +14,11 @@ the JSON item of orbax checkpoints (no weights are read). The kinds:
 """
 
 import json
-import os
 from typing import Any, Mapping
 
-import safetensors
+from etils import epath
 
+from ldm_jax import paths
 from ldm_jax.weights.single_file import UNET_PREFIX, VAE_PREFIX
 from ldm_jax.training import checkpoints
 
@@ -29,15 +29,14 @@ TAKES = {"init_from": "a pretrained pipeline (a diffusers folder or a single-fil
 
 def _json(path: str) -> dict[str, Any]:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(epath.Path(path).read_text())
     except (OSError, ValueError):
         return {}
 
 
 def _checkpoint_models(folder: str) -> list[str] | None:
     """The model names in the config item of the latest checkpoint under ``folder/checkpoints`` (None: none)."""
-    if not os.path.isdir(checkpoints.checkpoint_dir(folder)):
+    if not epath.Path(checkpoints.checkpoint_dir(folder)).is_dir():
         return None
     with checkpoints.checkpoint_manager(folder, keep=None, create=False) as manager:
         step = manager.latest_step()
@@ -46,27 +45,26 @@ def _checkpoint_models(folder: str) -> list[str] | None:
 
 def classify(path: str) -> tuple[str, str]:
     """(kind, what was found) for ``path``; FileNotFoundError when it does not exist."""
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist")
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
         if not path.endswith(".safetensors"):
             return "unknown", "a file that is not a .safetensors"
-        with safetensors.safe_open(path, framework="numpy") as f:
-            keys = list(f.keys())
+        keys = paths.safetensors_keys(path)
         if any(k.startswith(UNET_PREFIX) for k in keys):
             return "single-file", "a single-file SD checkpoint"
         if keys and all(k.startswith((VAE_PREFIX, "encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
                         for k in keys):
             return "vae-file", "a .safetensors with only VAE weights (no model.diffusion_model.* U-Net keys)"
         return "unknown", f"a .safetensors without U-Net weights (first keys: {keys[:3]})"
-    names = set(os.listdir(path))
+    names = {p.name for p in epath.Path(path).iterdir()}
     if "model_index.json" in names or {"unet", "vae", "text_encoder"} <= names:
         return "pipeline", "a diffusers pipeline folder"
     if "config.json" in names:
-        config = _json(os.path.join(path, "config.json"))
+        config = _json(str(epath.Path(path) / "config.json"))
         model = config.get("_class_name") or ",".join(config.get("architectures", [])) or "an unnamed model"
         return "model-folder", f"a single model folder ({model}), not a whole pipeline"
-    stage1 = _checkpoint_models(os.path.join(path, "autoencoder")) if "autoencoder" in names else None
+    stage1 = _checkpoint_models(str(epath.Path(path) / "autoencoder")) if "autoencoder" in names else None
     if stage1 is not None:
         return "stage1-run", "a training workdir with a stage-1 (autoencoder) checkpoint"
     models = _checkpoint_models(path)
@@ -79,7 +77,7 @@ def classify(path: str) -> tuple[str, str]:
 
 def _hint(key: str, kind: str, path: str) -> str:
     """What the user probably meant, for the common mix-ups."""
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = str(epath.Path(paths.absolute(path)).parent)
     hints = {
         ("init_from", "stage1-run"): f"; to encode with its VAE, set vae_from={path!r} instead",
         ("init_from", "stage1-folder"): f"; to encode with its VAE, set vae_from={parent!r} instead",

@@ -5,31 +5,30 @@ JSON and safetensors weights, possibly sharded with an ``.index.json``.
 """
 
 import json
-import os
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
+from etils import epath
+
+from ldm_jax import paths
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
 
 def read_json(path: str) -> dict:
     """Read a JSON file, with an error that names the file."""
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"missing file {path}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    try:
+        return json.loads(epath.Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def write_json(path: str, data: dict) -> None:
     """Write ``data`` as indented JSON (tuples become lists)."""
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=list)
-        f.write("\n")
+    epath.Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=list) + "\n")
 
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -40,19 +39,27 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file; bfloat16 (which numpy lacks) is read as ml_dtypes.bfloat16.
 
     A truncated, empty or otherwise unreadable file is a ValueError naming it.
+    Local files are memory-mapped; remote ones are read whole (they cannot be mapped).
     """
+    local = paths.is_local(path)
+    raw = None if local else epath.Path(path).read_bytes()
     try:
-        return safetensors.numpy.load_file(path)
+        return safetensors.numpy.load_file(path) if local else safetensors.numpy.load(raw)
     except TypeError:  # "data type 'bfloat16' not understood"
         pass
     except safetensors.SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {error}") from error
     import ml_dtypes  # installed with jax
     dtypes = {**_SAFETENSORS_DTYPES, "BF16": ml_dtypes.bfloat16}
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
+    if local:
+        with epath.Path(path).open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
+    else:
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + size])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=8 + size)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -69,14 +76,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 def _weight_files(folder: str, variant: str | None) -> list[str]:
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     for name in WEIGHT_NAMES:
-        single = os.path.join(folder, name + suffix)
-        if os.path.isfile(single):
-            return [single]
-        index = single + ".index.json"
-        if os.path.isfile(index):
-            shards = sorted(set(read_json(index)["weight_map"].values()))
-            return [os.path.join(folder, shard) for shard in shards]
-    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        single = epath.Path(folder) / (name + suffix)
+        if single.is_file():
+            return [str(single)]
+        index = epath.Path(folder) / (name + suffix + ".index.json")
+        if index.is_file():
+            shards = sorted(set(read_json(str(index))["weight_map"].values()))
+            return [str(epath.Path(folder) / shard) for shard in shards]
+    present = sorted(p.name for p in epath.Path(folder).iterdir()) if epath.Path(folder).is_dir() else []
     if any(f.endswith((".bin", ".ckpt", ".pt", ".pth")) for f in present):
         raise ValueError(f"{folder} has only PyTorch pickle weights ({present}); ldm_jax reads safetensors "
                          "without torch: re-save the model with safe_serialization=True")
@@ -96,4 +103,8 @@ def read_state_dict(folder: str, variant: str | None = None) -> dict[str, np.nda
 def write_state_dict(path: str, state: dict[str, np.ndarray], metadata: dict[str, Any] | None = None) -> None:
     """Write tensors to one safetensors file (``format: pt`` metadata so PyTorch loaders accept it)."""
     tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
-    safetensors.numpy.save_file(tensors, path, metadata={"format": "pt", **(metadata or {})})
+    metadata = {"format": "pt", **(metadata or {})}
+    if paths.is_local(path):
+        safetensors.numpy.save_file(tensors, path, metadata=metadata)
+    else:  # the library writes only local files: serialize in memory and upload
+        epath.Path(path).write_bytes(safetensors.numpy.save(tensors, metadata=metadata))

@@ -46,12 +46,12 @@ them to ``.safetensors`` first (the error message says how).
 """
 
 import math
-import os
 import re
 from collections import Counter
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 
 from ldm_jax.weights import diffusers_folder
 from ldm_jax.models.vae import DEFAULT_SCALING_FACTOR
@@ -802,8 +802,8 @@ def infer_configs(state: Mapping[str, Any], overrides: Mapping[str, Mapping[str,
 
 def _looks_like_safetensors(path: str) -> bool:
     """A safetensors file: u64 little-endian header size N that fits the file, then a JSON object."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = epath.Path(path).stat().length
+    with epath.Path(path).open("rb") as f:
         head = f.read(9)
     if len(head) < 9:
         return False
@@ -811,7 +811,7 @@ def _looks_like_safetensors(path: str) -> bool:
 
 
 def _reject_pickle(path: str) -> None:
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         magic = f.read(4)
     # torch.save writes a zip archive ('PK\x03\x04'); older torch / plain pickle files start with opcode 0x80.
     pickle_magic = magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"
@@ -834,7 +834,7 @@ def load_single_file(path: str, *, overrides: Mapping[str, Mapping[str, Any]] | 
     dtypes). Pickle checkpoints (``.ckpt`` ...) raise SingleFileError with a
     conversion recipe; other layouts raise SingleFileError naming the prefixes found.
     """
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint file {path}")
     _reject_pickle(path)
     try:

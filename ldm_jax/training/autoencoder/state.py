@@ -14,13 +14,13 @@ optimizer states) and ``config`` (the JSON the loop gives `save_state`).
 
 import dataclasses
 import functools
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 
 from ldm_jax import parallel
 from ldm_jax.models.discriminator import NLayerDiscriminator
@@ -37,7 +37,7 @@ LPIPS_FILES = ("vgg16.safetensors", "lpips_vgg_heads.safetensors")
 
 def stage_dir(workdir: str) -> str:
     """The folder of stage 1's checkpoints and metrics inside a run's workdir."""
-    return os.path.join(workdir, "autoencoder")
+    return str(epath.Path(workdir) / "autoencoder")
 
 
 def loss_config(config: Mapping[str, Any]) -> AutoencoderLossConfig:
@@ -55,12 +55,12 @@ def load_lpips(folder: str) -> Any:
     """LPIPS params from ``folder`` (LPIPS_FILES), or None for ''. FileNotFoundError naming a missing file."""
     if not folder:
         return None
-    paths = [os.path.join(folder, name) for name in LPIPS_FILES]
-    missing = [p for p in paths if not os.path.exists(p)]
+    files = [str(epath.Path(folder) / name) for name in LPIPS_FILES]
+    missing = [p for p in files if not epath.Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"autoencoder.lpips={folder!r} lacks {missing}: it needs torchvision's VGG16 state "
                                 f"dict and the lpips package's v0.1 vgg heads, as {LPIPS_FILES}")
-    return params_from_torch(*paths)
+    return params_from_torch(*files)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,6 @@ TensorBoard; metrics to ``WORKDIR/metrics.jsonl`` and TensorBoard.
 """
 
 import dataclasses
-import os
 import time
 from typing import Any, Mapping
 
@@ -19,8 +18,9 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 
-from ldm_jax import parallel
+from ldm_jax import parallel, paths
 from ldm_jax.data import latents, shapes
 from ldm_jax.data.input_pipeline import make_tokenizer
 from ldm_jax.diffusion.sample_fn import sample_fn
@@ -159,8 +159,8 @@ def train_diffusion(config: Mapping[str, Any], workdir: str, stop: StopRequest |
                            guidance_scale=d["guidance_scale"], height=size, width=size)
         grid = make_grid(np.asarray(images))
         if jax.process_index() == 0:
-            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-            grid.save(os.path.join(workdir, "samples", f"step_{step:06d}.png"))
+            (epath.Path(workdir) / "samples").mkdir(parents=True, exist_ok=True)
+            paths.save_image(grid, epath.Path(workdir) / "samples" / f"step_{step:06d}.png")
         writer.write_images(step, "samples", np.asarray(grid)[None])
 
     iterator = latents.LatentIterator(cache_folder(config, workdir), "train", batch_size, config["seed"],
