@@ -1,0 +1,71 @@
+"""A `gs://` workdir against a local GCS emulator: epath, tf.io.gfile, TensorStore and orbax checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+from etils import epath
+
+from gcs_emulator import emulator_fixture
+
+gcs = emulator_fixture()
+# About 30 s: the emulator serves one request at a time, and TensorFlow's client goes through a TLS proxy.
+pytestmark = pytest.mark.slow
+
+
+def test_epath_write_read_list_rename(gcs):
+    directory = epath.Path(gcs.uri("epath", "run"))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "a.txt").write_text("hello")
+    assert (directory / "a.txt").read_text() == "hello"
+    assert directory.is_dir() and (directory / "a.txt").exists()
+    (directory / "a.txt").rename(directory / "b.txt")
+    assert [p.name for p in directory.iterdir()] == ["b.txt"]
+    assert [p.name for p in epath.Path(gcs.uri("epath")).glob("*/*.txt")] == ["b.txt"]
+    (directory / "b.txt").unlink()
+    assert not (directory / "b.txt").exists()
+
+
+def test_tf_gfile_and_summary(gcs):
+    path = gcs.uri("gfile", "a.bin")
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(bytes(range(256)) * 1000)
+    with tf.io.gfile.GFile(path, "rb") as f:
+        assert f.read() == bytes(range(256)) * 1000
+    writer = tf.summary.create_file_writer(gcs.uri("gfile", "logs"))
+    with writer.as_default():
+        tf.summary.scalar("loss", 0.5, step=1)
+    writer.close()
+    assert len(tf.io.gfile.glob(gcs.uri("gfile", "logs", "events.out.tfevents.*"))) == 1
+
+
+def test_orbax_checkpoint_round_trip(gcs):
+    tree = {"w": jnp.arange(1000, dtype=jnp.float32).reshape(10, 100) / 7, "b": jnp.ones((7,), jnp.bfloat16),
+            "step": jnp.int32(3)}
+    directory = epath.Path(gcs.uri("run", "checkpoints"))
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2)) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, args=ocp.args.StandardSave(tree))
+        manager.wait_until_finished()
+        assert manager.all_steps() == [2, 3]
+    with ocp.CheckpointManager(directory) as manager:
+        restored = manager.restore(3, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                                                 tree)))
+    for name, value in tree.items():
+        assert restored[name].dtype == value.dtype
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
+
+
+def test_missing_bucket_errors(gcs):
+    import tensorstore as ts
+
+    missing = "gs://no-such-bucket/x"
+    with pytest.raises(FileNotFoundError, match="404"):
+        epath.Path(missing).read_text()
+    with pytest.raises(tf.errors.NotFoundError, match="(?s)404.*initiating an upload"):
+        epath.Path(missing).write_text("x")
+    assert not epath.Path(missing).exists()
+    with pytest.raises(ValueError, match="NOT_FOUND.*404"):
+        ts.KvStore.open("gs://no-such-bucket/").result().write("x", b"1").result()
