@@ -111,15 +111,15 @@ def report_path(workdir: str, step: int) -> str:
 def check_trained_on_shapes(workdir: str) -> None:
     """InputError when the workdir's latent cache was made from other data than ldm_shapes, whose images are all
     the checker can read; a warning when the workdir has no cache to tell."""
-    manifest = epath.Path(workdir) / "latents" / latents.MANIFEST
-    if not manifest.exists():
+    manifest = latents.read_manifest(str(epath.Path(workdir) / "latents"))
+    if manifest is None:
         if not epath.Path(workdir).exists():
             return  # nothing to tell: loading the checkpoint says the workdir is missing
         logging.warning("%s has no latent cache manifest to tell what data the model was trained on; the checker "
                         "reads only ldm_shapes images, so scores of a model trained on other data mean nothing",
                         workdir)
         return
-    data = json.loads(manifest.read_text())["data"]
+    data = manifest["data"]
     if data["source"] != "shapes":
         raise InputError(f"{workdir} was trained on data.source {data['source']!r} ({data['name'] or data['data_dir']}"
                          f"); evaluate's checker reads only images of the built-in ldm_shapes data (one shape of a "

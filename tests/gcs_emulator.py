@@ -20,7 +20,7 @@ Every setting above is read when a client makes its first request or opens a sto
 `https_proxy` and `CURL_CA_BUNDLE` per request, its GCS filesystem is created on first use), so they can be set
 after JAX, TensorFlow, orbax and TensorStore are imported, as long as nothing touched `gs://` before. gcsfs and
 TensorFlow cache their filesystem objects per process, so one process should use one emulator: the pytest fixture
-below is session-scoped.
+below is module-scoped, for the one test module that uses it.
 
 Known limits: the emulator serves one request at a time (an orbax save of a few arrays takes seconds through
 TensorFlow), and TensorFlow's `makedirs` on a bucket that does not exist retries for minutes instead of failing.
@@ -266,9 +266,9 @@ def _set_env(values: dict) -> None:
 
 
 def emulator_fixture(bucket: str = "ldm-jax-test", backend: str = "tf"):
-    """Returns a session-scoped pytest fixture that runs `gcs_emulator(bucket, backend)` for the whole session."""
+    """Returns a module-scoped pytest fixture that runs `gcs_emulator(bucket, backend)` for the module's tests."""
 
-    @pytest.fixture(scope="session")
+    @pytest.fixture(scope="module")
     def fixture():
         with gcs_emulator(bucket, backend) as emulator:
             yield emulator

@@ -112,7 +112,8 @@ def _params(names) -> list:
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory) -> dict[str, tuple[list[str], str, subprocess.CompletedProcess, float]]:
     """Every selected case run (three at a time): its arguments, expected line, result and wall seconds."""
-    params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items
+    run = request.node.listchain()[0]  # the root node: the whole test run, which holds the selected items
+    params = [getattr(getattr(item, "callspec", None), "params", {}) for item in run.items
               if item.module is request.module]
     selected = {p["name"] for p in params if "name" in p}
     tmp = str(tmp_path_factory.mktemp("cli"))
