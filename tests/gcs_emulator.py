@@ -39,11 +39,14 @@ import tempfile
 import threading
 import time
 import urllib.request
+from http import HTTPStatus
 
 import pytest
 
 # Hosts TensorFlow's GCS filesystem sends requests to (JSON API, uploads, and media downloads).
 _GCS_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
+# A bucket every request to which is refused with 403, as GCS refuses a bucket the credentials may not use.
+FORBIDDEN_BUCKET = "ldm-jax-forbidden"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +167,10 @@ class _TlsProxy:
                     if not chunk:
                         return
                     request += chunk
-                upstream.sendall(_drop_length_of_chunked(request))
+                request, expects_continue = _rewrite_head(request)
+                if expects_continue:
+                    tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                upstream.sendall(request)
             except OSError:
                 return
             self._relay(tls, upstream)
@@ -190,18 +196,23 @@ class _TlsProxy:
                 peers[sock].sendall(data)
 
 
-def _drop_length_of_chunked(request: bytes) -> bytes:
-    """Removes Content-Length from a chunked request's head (TensorFlow's uploads send both).
+def _rewrite_head(request: bytes) -> tuple[bytes, bool]:
+    """The request as the emulator can take it, and whether the client waits for `100 Continue` before its body.
 
-    The emulator reads Content-Length bytes when it is present, so it would store the chunk framing; HTTP says
-    Transfer-Encoding wins. The emulator closes each connection after one response, so a tunnel carries one request.
+    Removes Content-Length from a chunked request's head (TensorFlow's uploads send both): the emulator reads
+    Content-Length bytes when it is present, so it would store the chunk framing; HTTP says Transfer-Encoding wins.
+    Removes `Expect: 100-continue`: the emulator (HTTP/1.0) never answers it, so libcurl would wait a second
+    before each upload's body; the proxy answers it instead.
     """
     head, body = request.split(b"\r\n\r\n", 1)
     lines = head.split(b"\r\n")
-    if not any(line.lower().replace(b" ", b"") == b"transfer-encoding:chunked" for line in lines[1:]):
-        return request
-    lines = [lines[0]] + [line for line in lines[1:] if not line.lower().startswith(b"content-length:")]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    fields = [line.lower().replace(b" ", b"") for line in lines[1:]]
+    chunked = b"transfer-encoding:chunked" in fields
+    expects_continue = b"expect:100-continue" in fields
+    lines = [lines[0]] + [line for line, field in zip(lines[1:], fields)
+                          if not (chunked and field.startswith(b"content-length:"))
+                          and field != b"expect:100-continue"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body, expects_continue
 
 
 def _start(args: list, ports: tuple, stack: contextlib.ExitStack) -> None:
@@ -276,8 +287,66 @@ def emulator_fixture(bucket: str = "ldm-jax-test", backend: str = "tf"):
     return fixture
 
 
+def _object_generation(storage, bucket: str, name: str) -> int | None:
+    """The generation of an object in the emulator's storage, or None if it does not exist."""
+    from gcp_storage_emulator.exceptions import NotFound
+
+    try:
+        return int(storage.get_file_obj(bucket, name)["generation"])
+    except NotFound:
+        return None
+
+
+def _failed_precondition(request, storage) -> HTTPStatus | None:
+    """GCS's answer to a request whose ifGenerationMatch / ifGenerationNotMatch does not hold, else None.
+
+    TensorStore's OCDBT (orbax's checkpoint format) commits its manifest with these conditions; the emulator
+    ignores them, so concurrent writers would overwrite each other unnoticed.
+    """
+    params, query = request.params or {}, request.query
+    bucket, name = params.get("bucket_name"), params.get("object_id") or (query.get("name") or [None])[0]
+    if bucket is None or name is None:
+        return None
+    current = _object_generation(storage, bucket, name)
+    if "ifGenerationMatch" in query and int(query["ifGenerationMatch"][0]) != (current or 0):
+        return HTTPStatus.PRECONDITION_FAILED
+    if "ifGenerationNotMatch" in query and int(query["ifGenerationNotMatch"][0]) == (current or 0):
+        return HTTPStatus.NOT_MODIFIED if request.method == "GET" else HTTPStatus.PRECONDITION_FAILED
+    return None
+
+
+def _as_gcs(handler):
+    """Wraps an emulator handler with what GCS does and the emulator does not: the forbidden bucket's 403,
+    generation preconditions, and the object's generation in the `x-goog-generation` header of every read (which
+    TensorStore takes as the generation of what it read)."""
+
+    def handle(request, response, storage, *args, **kwargs):
+        if (request.params or {}).get("bucket_name") == FORBIDDEN_BUCKET:
+            response.status = HTTPStatus.FORBIDDEN
+            response.json({"error": {"code": 403, "message": f"emulator@ldm-jax.test does not have storage "
+                                                             f"access to the Google Cloud Storage bucket "
+                                                             f"{FORBIDDEN_BUCKET}. Permission denied."}})
+            return None
+        failed = _failed_precondition(request, storage)
+        if failed is not None:
+            response.status = failed
+            return None
+        result = handler(request, response, storage, *args, **kwargs)
+        params = request.params or {}
+        if request.method == "GET" and response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT) \
+                and "object_id" in params:
+            generation = _object_generation(storage, params["bucket_name"], params["object_id"])
+            if generation is not None:
+                response["x-goog-generation"] = str(generation)
+                response["x-goog-metageneration"] = "1"
+        return result
+
+    return handle
+
+
 def _serve(port: int, proxy_port: int, bucket: str, cert: str, key: str) -> None:
     """Runs the emulator (in memory, with `bucket`) and the TLS proxy in front of it until the process is stopped."""
+    import http.server
     import logging
 
     from gcp_storage_emulator import server
@@ -291,6 +360,12 @@ def _serve(port: int, proxy_port: int, bucket: str, cert: str, key: str) -> None
         return b"" if data is None and query.get("uploadType") == ["media"] else data
 
     server._read_data = read_media
+    for _, handlers in server.HANDLERS:
+        for method, handler in handlers.items():
+            handlers[method] = _as_gcs(handler)
+    # The emulator serves one request at a time, and TensorStore opens dozens of connections at once: with
+    # http.server's backlog of 5 the rest are refused and reset instead of waiting their turn.
+    http.server.HTTPServer.request_queue_size = 4096
     logging.getLogger().setLevel(logging.CRITICAL)
     server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).start()
     _TlsProxy(proxy_port, port, cert, key).serve_forever()
