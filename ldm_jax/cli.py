@@ -19,6 +19,7 @@ from etils import epath
 from ml_collections import config_flags
 from PIL import Image
 
+from ldm_jax import paths
 from ldm_jax.training import run_config
 
 
@@ -151,22 +152,28 @@ def check_run_config(program: str, config: Any, config_flag: str = "config") -> 
 
 
 def check_writable_folder(path: str, what: str) -> None:
-    """ValueError naming ``what`` and ``path`` unless ``path`` is a folder this process can write to.
+    """ValueError naming ``what``, ``path`` and the storage client's error unless ``path`` is a folder this process
+    can write to.
 
     A missing folder is created (with its parents); a probe file with a unique
-    name is written and removed, so concurrent processes do not collide.
+    name is written and removed, so concurrent processes do not collide. On
+    object storage the probe goes first: it needs no folder, and its error
+    comes at once, where creating folders in a missing bucket is retried for
+    minutes.
     """
     folder = epath.Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{what} {path} is a file, not a folder")
+    probe = folder / f".write_check_{uuid.uuid4().hex}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_check_{uuid.uuid4().hex}"
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{what} {path} is a file, not a folder")
+        if paths.is_local(folder):
+            folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as error:
-        raise ValueError(f"{what} {path} is not a folder this process can write to "
-                         f"({error.strerror or error})") from None
+        folder.mkdir(parents=True, exist_ok=True)
+    except paths.storage_errors() as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
+        raise ValueError(f"{what} {path} is not a folder this process can write to ({reason})") from None
 
 
 # The formats an image grid is usually written in: the ones the error message suggests (PIL accepts more).

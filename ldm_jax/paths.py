@@ -11,7 +11,9 @@ only read local folders (transformers' ``from_pretrained``).
 
 import contextlib
 import io
+import math
 import os
+import sys
 import tempfile
 from typing import Any, Iterator
 
@@ -24,6 +26,14 @@ PathLike = str | os.PathLike
 def is_local(path: PathLike) -> bool:
     """Whether ``path`` is on the local file system (no ``scheme://`` prefix)."""
     return "://" not in os.fspath(path)
+
+
+def storage_errors() -> tuple[type[Exception], ...]:
+    """The exceptions a storage client raises for a path it cannot read or write: OSError, and TensorFlow's
+    OpError once epath reaches ``gs://`` through tf.io.gfile (evaluated when an error is caught, so TensorFlow is
+    never imported for it)."""
+    tf = sys.modules.get("tensorflow")
+    return (OSError, tf.errors.OpError) if tf is not None else (OSError,)
 
 
 def absolute(path: PathLike) -> str:
@@ -39,6 +49,21 @@ def load_npy(path: PathLike) -> np.ndarray:
         return np.load(os.fspath(path), mmap_mode="r")
     with path.open("rb") as f:
         return np.load(io.BytesIO(f.read()))
+
+
+def npy_shape(path: PathLike) -> tuple[int, ...]:
+    """The shape in a ``.npy`` file's header, read without its data (a few hundred bytes, local or remote);
+    ValueError when the file is shorter than that shape needs (a truncated copy) or is no ``.npy`` file."""
+    path = epath.Path(path)
+    with path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        needed = f.tell() + math.prod(shape) * dtype.itemsize
+    size = path.stat().length
+    if size < needed:
+        raise ValueError(f"{path} is {size} bytes, its header needs {needed}")
+    return shape
 
 
 def save_npy(path: PathLike, array: np.ndarray) -> None:

@@ -8,8 +8,9 @@ FAULT and AT pick the point, so a test never races a signal against a poll:
              next step it checks and checkpoints it)
     sigkill  SIGKILL once the training row of step AT is written, after every save in flight has finished
              (so the checkpoints on disk are exactly those of the steps before)
-    commit   SIGKILL inside orbax at the rename that commits step AT's folder: everything else of that save
-             (items, ``commit_success.txt``) is on disk, as when a machine dies at that instant
+    commit   SIGKILL inside orbax at the operation that commits step AT: on a local disk the rename of its
+             temporary folder (everything else of that save, ``commit_success.txt`` too, is on disk); on object
+             storage, which has no rename, the write of the step's ``commit_success.txt`` (all items are written)
     shard    SIGKILL once latent-cache shard AT (1-based) of this process is written, before the manifest
 """
 
@@ -49,15 +50,21 @@ def _after_training_row(step: int, signum: int, wait_for_saves: bool) -> None:
 
 
 def _at_commit(step: int) -> None:
-    """SIGKILL this process at orbax's rename of ``step``'s temporary folder to its final name."""
-    rename = atomicity.async_path.rename
+    """SIGKILL this process at the operation by which orbax commits ``step``'s folder (see the module docstring)."""
+    rename, write_text = atomicity.async_path.rename, atomicity.async_path.write_text
 
     async def rename_or_die(source, target):
         if target.name == str(step):
             _die(signal.SIGKILL)
         return await rename(source, target)
 
+    async def write_text_or_die(path, text):
+        if path.name == atomicity.COMMIT_SUCCESS_FILE and path.parent.name == str(step):
+            _die(signal.SIGKILL)
+        return await write_text(path, text)
+
     atomicity.async_path.rename = rename_or_die
+    atomicity.async_path.write_text = write_text_or_die
 
 
 def _after_shard(shard: int) -> None:

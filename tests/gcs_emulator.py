@@ -1,16 +1,16 @@
 """A local Google Cloud Storage emulator for tests that run with a `gs://` workdir.
 
 `gcs_emulator()` starts `gcp-storage-emulator` (PyPI, in-memory) on a free loopback port, creates a bucket and
-points every GCS client the project uses at it, for this process and the subprocesses it starts:
+points every GCS client the project uses at it, for this process and the subprocesses it starts. The emulator is
+patched to behave as GCS where the clients depend on it (`_as_gcs`: generation preconditions and headers, a bucket
+that refuses access).
 
 - TensorStore (orbax's array storage): `TENSORSTORE_GCS_HTTP_URL` is the emulator's URL and
   `GOOGLE_AUTH_TOKEN_FOR_TESTING` a fake bearer token, so no credentials or metadata server are looked up.
-- gcsfs (fsspec): `STORAGE_EMULATOR_HOST`, with `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` so it does not ask the
-  real Storage Control API (gRPC) for each bucket's layout.
+- google-cloud-storage (orbax asks it whether a checkpoint's bucket has a hierarchical namespace):
+  `STORAGE_EMULATOR_HOST`, with which it also sends no credentials.
 - etils.epath: uses tf.io.gfile for `gs://` whenever TensorFlow is installed, as in production, so it reaches the
-  emulator through TensorFlow (below). `backend="fsspec"` sets `EPATH_USE_TF=false` to test the gcsfs backend instead
-  (gcsfs is not a test dependency: installed, it pulls google-cloud-storage-control, with which epath asks the
-  Storage Control API whether each new bucket is zonal, about 1 s per bucket here).
+  emulator through TensorFlow (below).
 - tf.io.gfile (and tf.summary, tf.data): TensorFlow's GCS filesystem has its endpoints compiled in
   (https://www.googleapis.com, https://storage.googleapis.com) and no setting to change them. Its libcurl honours
   `https_proxy` and `CURL_CA_BUNDLE`, so a small proxy (`_TlsProxy`, run as a subprocess of this file) answers
@@ -18,12 +18,11 @@ points every GCS client the project uses at it, for this process and the subproc
 
 Every setting above is read when a client makes its first request or opens a store (TensorFlow reads
 `https_proxy` and `CURL_CA_BUNDLE` per request, its GCS filesystem is created on first use), so they can be set
-after JAX, TensorFlow, orbax and TensorStore are imported, as long as nothing touched `gs://` before. gcsfs and
-TensorFlow cache their filesystem objects per process, so one process should use one emulator: the pytest fixture
-below is module-scoped, for the one test module that uses it.
+after JAX, TensorFlow, orbax and TensorStore are imported. Each emulator's bucket has a name of its own, so the
+file stats TensorFlow caches per process never mix two emulators' objects: each test module may start one.
 
-Known limits: the emulator serves one request at a time (an orbax save of a few arrays takes seconds through
-TensorFlow), and TensorFlow's `makedirs` on a bucket that does not exist retries for minutes instead of failing.
+Known limits: the emulator serves one request at a time, and TensorFlow's `makedirs` on a bucket that does not
+exist retries for minutes instead of failing.
 """
 
 import contextlib
@@ -39,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from http import HTTPStatus
 
 import pytest
@@ -232,14 +232,10 @@ def _start(args: list, ports: tuple, stack: contextlib.ExitStack) -> None:
 
 
 @contextlib.contextmanager
-def gcs_emulator(bucket: str = "ldm-jax-test", backend: str = "tf"):
-    """Starts the emulator and the TLS proxy, creates `bucket`, sets the clients' environment; yields a GcsEmulator.
-
-    `backend` picks etils.epath's `gs://` backend: "tf" (tf.io.gfile, what production uses when TensorFlow is
-    installed) or "fsspec" (gcsfs). The environment is restored and the servers stopped on exit.
-    """
-    if backend not in ("tf", "fsspec"):
-        raise ValueError(f"backend must be 'tf' or 'fsspec', not {backend!r}")
+def gcs_emulator():
+    """Starts the emulator and the TLS proxy with a bucket named ``ldm-jax-test-<random>``, sets the clients'
+    environment; yields a GcsEmulator. The environment is restored and the servers stopped on exit."""
+    bucket = f"ldm-jax-test-{uuid.uuid4().hex[:12]}"
     with contextlib.ExitStack() as stack:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="gcs_emulator_"))
         port, proxy_port = _free_port(), _free_port()
@@ -250,12 +246,11 @@ def gcs_emulator(bucket: str = "ldm-jax-test", backend: str = "tf"):
         env = {
             "TENSORSTORE_GCS_HTTP_URL": url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorFlow and TensorStore send it as the bearer token
-            "STORAGE_EMULATOR_HOST": url,
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-            "EPATH_USE_TF": "true" if backend == "tf" else "false",
+            "STORAGE_EMULATOR_HOST": url,  # google-cloud-storage, which orbax asks for a bucket's layout
+            "EPATH_USE_TF": "true",
             "https_proxy": f"http://127.0.0.1:{proxy_port}",
             "CURL_CA_BUNDLE": ca,
-            "no_proxy": "127.0.0.1,localhost",  # TensorStore and gcsfs talk to the emulator directly
+            "no_proxy": "127.0.0.1,localhost",  # TensorStore and google-cloud-storage talk to the emulator directly
             "NO_GCE_CHECK": "true",  # no probe of the GCE metadata server for credentials
         }
         # Upper-case variants would override the lower-case ones in some clients (requests, aiohttp, grpc).
@@ -276,12 +271,12 @@ def _set_env(values: dict) -> None:
             os.environ[name] = value
 
 
-def emulator_fixture(bucket: str = "ldm-jax-test", backend: str = "tf"):
-    """Returns a module-scoped pytest fixture that runs `gcs_emulator(bucket, backend)` for the module's tests."""
+def emulator_fixture():
+    """Returns a module-scoped pytest fixture that runs `gcs_emulator()` for the module's tests."""
 
     @pytest.fixture(scope="module")
     def fixture():
-        with gcs_emulator(bucket, backend) as emulator:
+        with gcs_emulator() as emulator:
             yield emulator
 
     return fixture

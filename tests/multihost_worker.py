@@ -98,6 +98,9 @@ def main(workdir: str) -> None:
         state, losses = train(task, optimizer, mesh, state, frozen, shardings)
         diffusion_state.save_state(manager, STEPS, task, state, frozen, {"losses": losses})
         manager.wait_until_finished()
+    # Read back by a new manager, as a resumed run does: on object storage (no rename) orbax 0.12's manager that
+    # saved a step keeps its items marked temporary on every process but process 0, which committed them.
+    with checkpoints.checkpoint_manager(workdir, keep=None, create=False) as manager:
         again = diffusion_state.restore_state(manager, STEPS, task, *shapes, shardings)
     for saved, restored in zip(jax.tree.leaves((state, frozen)), jax.tree.leaves(again)):
         for a, b in zip(saved.addressable_shards, restored.addressable_shards):

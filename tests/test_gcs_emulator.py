@@ -1,4 +1,5 @@
-"""A `gs://` workdir against a local GCS emulator: epath, tf.io.gfile, TensorStore and orbax checkpoints."""
+"""`gs://` paths against a local GCS emulator: epath, tf.io.gfile, TensorStore, orbax checkpoints, a pretrained
+folder and an image folder."""
 
 import jax
 import jax.numpy as jnp
@@ -7,12 +8,16 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 from etils import epath
+from PIL import Image
 
+from configs import tiny
 from gcs_emulator import emulator_fixture
+from ldm_jax.data import input_pipeline
+from ldm_jax.data.shapes import write_tokenizer
+from ldm_jax.models.clip import load_tokenizer
+from ldm_jax.pipeline import Pipeline
 
 gcs = emulator_fixture()
-# About 30 s: the emulator serves one request at a time, and TensorFlow's client goes through a TLS proxy.
-pytestmark = pytest.mark.slow
 
 
 def test_epath_write_read_list_rename(gcs):
@@ -69,3 +74,28 @@ def test_missing_bucket_errors(gcs):
     assert not epath.Path(missing).exists()
     with pytest.raises(ValueError, match="NOT_FOUND.*404"):
         ts.KvStore.open("gs://no-such-bucket/").result().write("x", b"1").result()
+
+
+def test_a_pretrained_folder_and_an_image_folder_on_gcs_read_as_local_ones(gcs, tmp_path):
+    pipe = Pipeline.from_config(tiny.get_config(), jax.random.key(0))
+    remote = gcs.uri("pretrained")
+    pipe.save_pretrained(remote)
+    write_tokenizer(f"{remote}/tokenizer")
+    loaded = Pipeline.from_pretrained(remote)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(pipe.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    write_tokenizer(str(tmp_path / "tokenizer"))
+    local = load_tokenizer(str(tmp_path / "tokenizer"))
+    assert loaded.tokenizer("a red circle").input_ids == local("a red circle").input_ids
+
+    images = gcs.uri("images")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), np.uint8)
+    for i, image in enumerate(pixels):
+        with epath.Path(f"{images}/{i}.png").open("wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
+        epath.Path(f"{images}/{i}.txt").write_text(f"caption {i}")
+    assert input_pipeline.folder_entries(images) == [(f"{images}/{i}.png", f"caption {i}") for i in range(3)]
+    source = input_pipeline.folder_source(images, 0, 1)
+    read = source.read(tf.constant(2, tf.int64))
+    np.testing.assert_array_equal(tf.io.decode_png(read["image"]).numpy(), pixels[2])
+    assert read["caption"].numpy() == b"caption 2"

@@ -38,8 +38,7 @@ ALLOWED = {
     ("models/clip.py", "CLIPTokenizer.from_pretrained("): "load_tokenizer(): inside paths.local_folder",
     ("models/clip.py", "tokenizer.save_pretrained("): "write_tokenizer(): inside paths.writable_folder",
     ("data/input_pipeline.py", "tempfile."): "scratch folder for the built-in shapes tokenizer",
-    ("data/shapes.py", "os.makedirs"): "write_tokenizer(): a local folder transformers reads back at once",
-    ("data/shapes.py", "open("): "write_tokenizer(): as above",
+    ("data/shapes.py", "open("): "write_tokenizer(): inside paths.writable_folder, which transformers reads back",
     ("data/shapes.py", "os.path"): "write_tokenizer(): as above",
     ("data/shapes.py", "CLIPTokenizer.from_pretrained("): "write_tokenizer(): as above",
     ("data/shapes.py", "tokenizer.save_pretrained("): "write_tokenizer(): as above",
@@ -120,6 +119,21 @@ def test_a_local_cache_shard_round_trips_memory_mapped(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "train/00000-00001.caption.npy"), [b"d"])
     with pytest.raises(latents.CacheDamagedError, match="holds 3 rows, its manifest lists 2"):
         latents._open_shard_file(epath.Path(tmp_path) / "train/00000-00000.mean.npy", 2)
+
+
+def test_a_host_opens_only_the_cache_shards_of_its_share(tmp_path):
+    writer = latents._ShardWriter(str(tmp_path / "train"), process=0, shard_size=3)
+    (tmp_path / "train").mkdir()
+    writer.add({"mean": np.zeros((8, 2), np.float32), "logvar": np.zeros((8, 2), np.float32),
+                "caption": np.array([b"x"] * 8), "index": np.arange(8)})
+    writer.close()
+    manifest = {"splits": {"train": {"count": 8, "shards": latents._list_shards(str(tmp_path), "train")}}}
+    paths.replace_text(tmp_path / latents.MANIFEST, json.dumps(manifest))
+    opened = latents.open_split(str(tmp_path), manifest, "train", (3, 6))  # rows of shard 1 only
+    assert [a is not None for a in opened["mean"]] == [False, True, False]
+    iterator = latents.LatentIterator(str(tmp_path), "train", 8, seed=0, process_index=1, process_count=2)
+    assert [a is not None for a in iterator.arrays["index"]] == [False, True, True]  # rows 4..7
+    assert sorted(next(iterator)["index"]) == [4, 5, 6, 7]
 
 
 def test_local_metrics_and_manifest_round_trip(tmp_path):

@@ -33,6 +33,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from ldm_jax import paths
+
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES = ("small", "large")
@@ -256,16 +258,16 @@ def write_tokenizer(folder: str, model_max_length: int = 77) -> None:
     merged tokens in merge order, then BOS and EOS (the highest ids; EOS also
     pads, as in SD 1.x). Every caption word is a single token; any other text
     still encodes, byte by byte. Load it with
-    ``ldm_jax.models.clip.load_tokenizer(folder)``.
+    ``ldm_jax.models.clip.load_tokenizer(folder)``. ``folder`` may be local or remote.
     """
     from transformers import CLIPTokenizer  # imported here: only writing the tokenizer needs transformers
     symbols = _byte_symbols()
     merges = _bpe_merges(CAPTION_WORDS)
     tokens = [*symbols, *(s + "</w>" for s in symbols), *dict.fromkeys(a + b for a, b in merges), BOS, EOS]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tokenizer = CLIPTokenizer.from_pretrained(folder, pad_token=EOS, model_max_length=model_max_length)
-    tokenizer.save_pretrained(folder)
+    with paths.writable_folder(folder) as local:
+        with open(os.path.join(local, "vocab.json"), "w") as f:
+            json.dump({t: i for i, t in enumerate(tokens)}, f)
+        with open(os.path.join(local, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        tokenizer = CLIPTokenizer.from_pretrained(local, pad_token=EOS, model_max_length=model_max_length)
+        tokenizer.save_pretrained(local)

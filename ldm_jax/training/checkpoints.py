@@ -73,12 +73,11 @@ def restore_train_step(manager: ocp.CheckpointManager, step: int, params: dict[s
 def unfinished_saves(manager: ocp.CheckpointManager) -> list[str]:
     """Names of the step folders whose save never finished (a process died while saving).
 
-    Orbax (0.12) writes step ``N`` as ``N.orbax-checkpoint-tmp/`` (each item in
-    its own ``<item>.orbax-checkpoint-tmp/`` inside), writes
-    ``commit_success.txt`` into it and only then renames it to ``N/``. A
-    process killed before the rename leaves the temporary folder: orbax never
-    lists it among the steps, so it is never restored, and the next save of
-    step ``N`` replaces it.
+    Orbax (0.12) commits step ``N`` last: on a local disk it writes ``N.orbax-checkpoint-tmp/`` (each item in its
+    own ``<item>.orbax-checkpoint-tmp/``) with ``commit_success.txt`` and then renames it to ``N/``; on object
+    storage (no rename) it writes ``N/`` in place and ``N/commit_success.txt`` after everything else. A process
+    killed before that last operation leaves a folder orbax never lists among the steps, so it is never restored,
+    and the next save of step ``N`` replaces it.
     """
     return sorted(path.get().name for path in ocp.path.step.all_temporary_paths(manager.directory))
 
