@@ -24,8 +24,9 @@ from ldm_jax.training import run_config
 
 
 def fail(program: str, message: Any) -> NoReturn:
-    """Exit with status 1 and the one line ``PROGRAM: error: MESSAGE`` on stderr."""
-    sys.exit(f"{program}: error: {message}")
+    """Exit with status 1 and the one line ``PROGRAM: error: MESSAGE`` on stderr (a storage client's multi-line
+    error joined into one)."""
+    sys.exit(f"{program}: error: {' '.join(str(message).split())}")
 
 
 def _argument(argv: list[str], name: str) -> str | None:

@@ -48,7 +48,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from ldm_jax import cli
+from ldm_jax import cli, paths
 from ldm_jax.data import latents, shapes
 from ldm_jax.diffusion.sample_fn import sample_fn
 from ldm_jax.diffusion.samplers import SAMPLERS
@@ -270,7 +270,7 @@ def main(argv: list[str]) -> None:
         path = report_path(workdir, step)
         cli.check_output_file(path, "--out" if _OUT.value else "the report")
         report = evaluate_steering(workdir, step) if _STEERING.value else evaluate(workdir, step)
-    except (FileNotFoundError, WeightsMismatchError, ValueError) as error:
+    except (FileNotFoundError, WeightsMismatchError, ValueError, *paths.storage_errors()) as error:
         cli.fail(PROGRAM, error)
     if _STEERING.value:
         print_steering(report)

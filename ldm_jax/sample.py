@@ -24,7 +24,7 @@ import transformers
 from absl import app, flags, logging
 from etils import epath
 
-from ldm_jax import cli
+from ldm_jax import cli, paths
 from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.diffusion.sample_fn import sample_fn
 from ldm_jax.images import make_grid
@@ -181,7 +181,7 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_threefry_partitionable", True)
     try:
         path = run()
-    except (InputError, OSError, ValueError) as error:
+    except (InputError, ValueError, *paths.storage_errors()) as error:
         cli.fail(PROGRAM, error)
     print(f"wrote {path}")
 

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import cli, parallel
+from ldm_jax import cli, parallel, paths
 from ldm_jax.training import run_config
 from ldm_jax.training.preemption import StopRequest
 
@@ -84,7 +84,8 @@ def main(argv: list[str]) -> None:
     from ldm_jax.training.damage import DamagedCheckpointError
     try:
         run(config, workdir)
-    except (CacheDamagedError, DamagedCheckpointError) as error:  # damaged inputs of a stage: vae_from, the cache
+    except (CacheDamagedError, DamagedCheckpointError, *paths.storage_errors()) as error:
+        # damaged inputs of a stage (vae_from, the cache), or storage refusing a path (init_from's bucket, ...)
         cli.fail(PROGRAM, error)
 
 

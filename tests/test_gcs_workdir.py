@@ -70,6 +70,10 @@ def _local_lane(commands: Commands, out: dict, workdir: str) -> None:
     out["reference"] = commands.run("reference", "ldm_jax.train", _train_args(workdir))
     for name, bucket in (("missing", "ldm-jax-no-such-bucket"), ("forbidden", FORBIDDEN_BUCKET)):
         out[name] = commands.run(name, "ldm_jax.train", _train_args(f"gs://{bucket}/run"))
+    forbidden = f"gs://{FORBIDDEN_BUCKET}/run"
+    out["sample_forbidden"] = commands.run("sample_forbidden", "ldm_jax.sample", [
+        "--checkpoint", forbidden, "--prompt", "a red circle", "--out", os.path.join(commands.root, "grid.png")])
+    out["evaluate_forbidden"] = commands.run("evaluate_forbidden", "ldm_jax.evaluate", ["--checkpoint", forbidden])
 
 
 def _gcs_lane(commands: Commands, out: dict, workdir: str) -> None:
@@ -168,3 +172,13 @@ def test_a_bucket_that_cannot_be_written_fails_at_start_naming_path_and_error(ru
     assert f"HTTP response code {status}" in error
     assert "Traceback" not in run["log"] and "stage autoencoder" not in run["log"]
     assert run["seconds"] < 60
+
+
+@pytest.mark.parametrize("name, program", [("sample_forbidden", "ldm_jax.sample"),
+                                           ("evaluate_forbidden", "ldm_jax.evaluate")])
+def test_sample_and_evaluate_name_a_bucket_they_may_not_read(runs, name, program):
+    run = runs[name]
+    _assert_exit(run, 1)
+    error = run["log"].strip().splitlines()[-1]
+    assert error.startswith(f"{program}: error: ") and f"gs://{FORBIDDEN_BUCKET}/run" in error, error
+    assert "HTTP response code 403" in error and "Traceback" not in run["log"]

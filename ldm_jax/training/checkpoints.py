@@ -197,7 +197,8 @@ def available_steps(workdir: str) -> list[int]:
     """The saved steps of ``workdir``, oldest first; FileNotFoundError when there are none."""
     folder = checkpoint_dir(workdir)
     steps = []
-    if epath.Path(folder).is_dir():
+    # exists() first: TensorFlow's is_dir answers False where storage refuses access; exists() raises its error.
+    if epath.Path(folder).exists() and epath.Path(folder).is_dir():
         with checkpoint_manager(workdir, keep=None, create=False) as manager:
             steps = sorted(manager.all_steps())
     if not steps:
