@@ -28,3 +28,13 @@ from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: E402
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
                                               array_metadata_store=array_metadata_store.Store()), override=True)
+
+
+# The modules that run for minutes (subprocess runs of the trainer), first: with `--dist loadfile` each is one
+# unit of work, and started last they would leave one worker running alone at the end of the suite.
+LONG_MODULES = ("test_fault_tolerance.py", "test_gcs_workdir.py", "test_parallel.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Run LONG_MODULES' tests before the others, each module's tests in their own order."""
+    items.sort(key=lambda item: item.path.name not in LONG_MODULES)

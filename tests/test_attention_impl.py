@@ -196,6 +196,7 @@ def test_einsum_impl_tiles_only_large_unmasked_attention(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.slow  # about 25 s, a benchmark's smoke run (CI time budget)
 def test_vae_attention_bench_compares_tiled_and_whole_attention(tmp_path):
     """bench.vae_attention_bench on configs/base.py's VAE at batch 4 (4 x 1,024 x 1,024 logits: past LOGITS_PER_TILE,
     so tiled): both variants give the same gradients and encodings, and the record holds both timings."""

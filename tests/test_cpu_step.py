@@ -44,7 +44,9 @@ def _run(step, state, batch, frozen, steps=3):
     return state, history
 
 
-@pytest.mark.parametrize("slices,train_text_encoder", [(2, False), (4, False), (2, True)])  # 4: one example each
+# 4 slices (one example each) run the same code as 2 with a larger count: -m slow (CI time budget).
+@pytest.mark.parametrize("slices,train_text_encoder", [(2, False), pytest.param(4, False, marks=pytest.mark.slow),
+                                                       (2, True)])
 def test_concurrent_slices_train_as_the_one_program_step(slices, train_text_encoder):
     """Three steps (AdamW with clipping, EMA, caption dropout, min-SNR weights; the text encoder frozen or
     trained): the same metrics every step and the same params, optimizer

@@ -240,6 +240,8 @@ def _start_stage2_on_one_device(chain, workdir: str, batch_slices: int) -> subpr
                             text=True, cwd=root)
 
 
+# About 75 s (two trainer runs): -m slow (CI time budget); tests/test_cpu_step.py checks the same equality at the step.
+@pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU device takes 2 batch slices with 2 cores")
 def test_the_trainer_runs_concurrent_slices_on_one_cpu_device_as_it_runs_one_program(chain, tmp_path):
     """The stage-2 loop on one CPU device with 2 cores, the text encoder trained: auto batch slices (0) run 2

@@ -4,7 +4,7 @@ configs/tiny.py:run trains the autoencoder, the latent cache and the U-Net with 
 committing a U-Net checkpoint and resumes; it ends bit-identical to the same run on a local disk (checkpoints,
 metrics, latent cache, sample grid), and `sample` and `evaluate` read it from gs://. A workdir in a bucket that
 does not exist, or that the credentials may not use, fails before anything compiles, naming the path and the
-storage client's error. The commands run as subprocesses with the emulator's environment, in two lanes.
+storage client's error. The commands run as subprocesses with the emulator's environment.
 """
 
 import io
@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -25,12 +24,12 @@ from ldm_jax import paths
 from ldm_jax.data import latents
 from ldm_jax.training import checkpoints
 from ldm_jax.training.autoencoder.state import stage_dir
-from tests.test_fault_tolerance import INJECTOR, ROOT, _assert_equal_trees, _logged, _saved, command_env
+from tests.test_fault_tolerance import COMMAND_ENV, INJECTOR, ROOT, _assert_equal_trees, _logged, _saved
 
 gcs = emulator_fixture()
 
-AE_STEPS, STEPS, EVERY = 4, 8, 2
-KILLED_COMMIT = 6  # a step only the U-Net stage saves (the autoencoder stops at AE_STEPS)
+AE_STEPS, STEPS, EVERY = 2, 6, 2
+KILLED_COMMIT = 4  # a step only the U-Net stage saves (the autoencoder stops at AE_STEPS)
 TIMEOUT = 900
 
 
@@ -42,11 +41,11 @@ def _train_args(workdir: str) -> list[str]:
 
 
 class Commands:
-    """Runs ldm_jax commands (`command_env`, with the emulator's environment) and keeps their logs."""
+    """Runs ldm_jax commands (`COMMAND_ENV`, with the emulator's environment) and keeps their logs."""
 
     def __init__(self, root: str):
         self.root = root
-        self.env = command_env(root)
+        self.env = {**os.environ, **COMMAND_ENV}
 
     def run(self, name: str, module: str, args: list[str], fault: tuple[str, int] | None = None) -> dict:
         """``module`` with ``args``, interrupted by ``fault`` (tests/fault_injector.py) if given: its exit status,
@@ -66,54 +65,34 @@ def _committed(folder: str) -> list[str]:
     return sorted(p.name for p in epath.Path(folder).iterdir() if (p / "commit_success.txt").exists())
 
 
-def _local_lane(commands: Commands, out: dict, workdir: str) -> None:
-    out["reference"] = commands.run("reference", "ldm_jax.train", _train_args(workdir))
+@pytest.fixture(scope="module")
+def runs(gcs, tmp_path_factory) -> dict:
+    """Every command to the end: {'local', 'remote': the two workdirs, name: {'code', 'log', 'seconds'}, ...}.
+
+    One after the other: the local run compiles each program once, the gs:// runs find them in the cache.
+    """
+    root = str(tmp_path_factory.mktemp("gcs_workdir"))
+    commands = Commands(root)
+    local, remote = os.path.join(root, "local"), gcs.uri("run")
+    out = {"local": local, "remote": remote}
+    out["reference"] = commands.run("reference", "ldm_jax.train", _train_args(local))
     for name, bucket in (("missing", "ldm-jax-no-such-bucket"), ("forbidden", FORBIDDEN_BUCKET)):
         out[name] = commands.run(name, "ldm_jax.train", _train_args(f"gs://{bucket}/run"))
     forbidden = f"gs://{FORBIDDEN_BUCKET}/run"
     out["sample_forbidden"] = commands.run("sample_forbidden", "ldm_jax.sample", [
-        "--checkpoint", forbidden, "--prompt", "a red circle", "--out", os.path.join(commands.root, "grid.png")])
+        "--checkpoint", forbidden, "--prompt", "a red circle", "--out", os.path.join(root, "grid.png")])
     out["evaluate_forbidden"] = commands.run("evaluate_forbidden", "ldm_jax.evaluate", ["--checkpoint", forbidden])
 
-
-def _gcs_lane(commands: Commands, out: dict, workdir: str) -> None:
-    folder = checkpoints.checkpoint_dir(workdir)
-    out["killed"] = commands.run("killed", "ldm_jax.train", _train_args(workdir), fault=("commit", KILLED_COMMIT))
+    folder = checkpoints.checkpoint_dir(remote)
+    out["killed"] = commands.run("killed", "ldm_jax.train", _train_args(remote), fault=("commit", KILLED_COMMIT))
     out["listing_after_kill"] = sorted(p.name for p in epath.Path(folder).iterdir())
     out["committed_after_kill"] = _committed(folder)
-    out["resumed"] = commands.run("resumed", "ldm_jax.train", _train_args(workdir))
-    out["grid"] = f"{workdir}/grids/a red circle.png"
+    out["resumed"] = commands.run("resumed", "ldm_jax.train", _train_args(remote))
+    out["grid"] = f"{remote}/grids/a red circle.png"
     out["sample"] = commands.run("sample", "ldm_jax.sample", [
-        "--checkpoint", workdir, "--prompt", "a red circle", "--num-images", "2", "--steps", "2",
-        "--out", out["grid"]])
+        "--checkpoint", remote, "--prompt", "a red circle", "--num-images", "2", "--steps", "2", "--out", out["grid"]])
     out["evaluate"] = commands.run("evaluate", "ldm_jax.evaluate", [
-        "--checkpoint", workdir, "--count", "8", "--batch", "8", "--steps", "2"])
-
-
-def _in_thread(lane, *args) -> threading.Thread:
-    errors = args[1].setdefault("errors", [])
-
-    def target():
-        try:
-            lane(*args)
-        except BaseException as error:  # re-raised by the fixture
-            errors.append(error)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    return thread
-
-
-@pytest.fixture(scope="module")
-def runs(gcs, tmp_path_factory) -> dict:
-    """Every command to the end: {'local', 'remote': the two workdirs, name: {'code', 'log', 'seconds'}, ...}."""
-    root = str(tmp_path_factory.mktemp("gcs_workdir"))
-    commands, out = Commands(root), {"local": os.path.join(root, "local"), "remote": gcs.uri("run")}
-    for thread in [_in_thread(_gcs_lane, commands, out, out["remote"]),
-                   _in_thread(_local_lane, commands, out, out["local"])]:
-        thread.join()
-    if out["errors"]:
-        raise out["errors"][0]
+        "--checkpoint", remote, "--count", "8", "--batch", "8", "--steps", "2"])
     return out
 
 
