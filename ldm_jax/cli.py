@@ -173,8 +173,8 @@ def check_writable_folder(path: str, what: str) -> None:
         probe.unlink()
         folder.mkdir(parents=True, exist_ok=True)
     except paths.storage_errors() as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
-        raise ValueError(f"{what} {path} is not a folder this process can write to ({reason})") from None
+        raise ValueError(f"{what} {path} is not a folder this process can write to "
+                         f"({getattr(error, 'strerror', None) or error})") from None
 
 
 # The formats an image grid is usually written in: the ones the error message suggests (PIL accepts more).

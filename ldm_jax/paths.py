@@ -4,13 +4,15 @@ A workdir, latent cache, pretrained folder, image folder or output file may be
 local or remote (``gs://bucket/...``); every read and write goes through
 ``epath.Path``, which keeps local paths on the os functions and sends remote
 ones through tf.io.gfile or gcsfs. The helpers here cover what epath alone
-does not: memory-mapping ``.npy`` and ``.safetensors`` files where the file is
-local, write-then-rename replaces, and local copies of folders for libraries that
-only read local folders (transformers' ``from_pretrained``).
+does not: memory-mapping ``.npy`` files where the file is local, reading only
+the headers of ``.npy`` and ``.safetensors`` files, write-then-rename replaces,
+and local copies of folders for libraries that only read local folders
+(transformers' ``from_pretrained``).
 """
 
 import contextlib
 import io
+import json
 import math
 import os
 import sys
@@ -81,20 +83,14 @@ def replace_text(path: PathLike, text: str) -> None:
 
 
 def safetensors_keys(path: PathLike) -> list[str]:
-    """The tensor names of the ``.safetensors`` file ``path`` (only the header is read when local)."""
-    import safetensors  # imported here: only weight files need it
+    """The tensor names of the ``.safetensors`` file ``path``, from its header alone (local or remote)."""
     if is_local(path):
+        import safetensors  # imported here: only weight files need it
         with safetensors.safe_open(os.fspath(path), framework="numpy") as f:
             return list(f.keys())
-    return list(load_safetensors(path))
-
-
-def load_safetensors(path: PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of the ``.safetensors`` file ``path`` as numpy arrays (memory-mapped when local)."""
-    import safetensors.numpy  # imported here: only weight files need it
-    if is_local(path):
-        return safetensors.numpy.load_file(os.fspath(path))
-    return safetensors.numpy.load(epath.Path(path).read_bytes())
+    with epath.Path(path).open("rb") as f:  # the format: an 8-byte little-endian length, then a JSON header
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sorted(name for name in header if name != "__metadata__")
 
 
 @contextlib.contextmanager

@@ -12,10 +12,12 @@ from PIL import Image
 
 from configs import tiny
 from gcs_emulator import emulator_fixture
+from ldm_jax import paths
 from ldm_jax.data import input_pipeline
 from ldm_jax.data.shapes import write_tokenizer
 from ldm_jax.models.clip import load_tokenizer
 from ldm_jax.pipeline import Pipeline
+from ldm_jax.weights import diffusers_folder
 
 gcs = emulator_fixture()
 
@@ -82,6 +84,8 @@ def test_a_pretrained_folder_and_an_image_folder_on_gcs_read_as_local_ones(gcs, 
     pipe.save_pretrained(remote)
     write_tokenizer(f"{remote}/tokenizer")
     loaded = Pipeline.from_pretrained(remote)
+    weights = f"{remote}/unet/diffusion_pytorch_model.safetensors"
+    assert paths.safetensors_keys(weights) == sorted(diffusers_folder.read_safetensors(weights))  # header only
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(pipe.params), strict=True):
         np.testing.assert_array_equal(a, b)
     write_tokenizer(str(tmp_path / "tokenizer"))

@@ -30,7 +30,6 @@ ALLOWED = {
     ("paths.py", "np.load"): "load_npy(): the memory-mapped branch for local files, and the read of a remote one",
     ("paths.py", "np.save"): "save_npy(): writes to an epath handle",
     ("paths.py", "safe_open("): "safetensors_keys(): header-only read of a local file",
-    ("paths.py", "load_file("): "load_safetensors(): the memory-mapped branch for local files",
     ("paths.py", "tempfile."): "local_folder() / writable_folder(): local copies for local-only libraries",
     ("weights/diffusers_folder.py", "load_file("): "read_safetensors(): the memory-mapped branch for local files",
     ("weights/diffusers_folder.py", "np.memmap"): "read_safetensors(): bfloat16 files, local branch",

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import paths
-from ldm_jax.weights import convert
+from ldm_jax.weights import convert, diffusers_folder
 from ldm_jax.models.layers import Dtype, conv
 
 # The lpips package's ScalingLayer: ImageNet mean and std expressed on [-1, 1] inputs.
@@ -105,7 +104,7 @@ StateDict = Mapping[str, np.ndarray]
 
 def _as_state_dict(source: StateDict | str | os.PathLike) -> dict[str, np.ndarray]:
     if isinstance(source, (str, os.PathLike)):
-        return paths.load_safetensors(source)
+        return diffusers_folder.read_safetensors(os.fspath(source))
     return dict(source)
 
 
